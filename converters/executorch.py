@@ -1,0 +1,69 @@
+"""ExecuTorch export: torch.export -> to_edge_transform_and_lower(XNNPACK) -> .pte, then verified
+by running the .pte in the ExecuTorch runtime against eager torch on the same inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgesparse import _progress
+from edgesparse._io import atomic_path, sha256_file
+from edgesparse.converters import verify
+from edgesparse.errors import EdgesparseError
+from edgesparse.quantize import capture
+
+
+def lower(model: nn.Module, example_inputs: tuple):
+    """The staged pipeline; returns the ExecutorchProgramManager (`.buffer` is the .pte bytes)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    exported = capture(model, example_inputs)
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    return edge.to_executorch()
+
+
+def load_method(path: str | Path):
+    """Load a .pte's forward method in the ExecuTorch Python runtime."""
+    from executorch.runtime import Runtime
+
+    return Runtime.get().load_program(str(path)).load_method("forward")
+
+
+def run_pte(method, inputs: tuple) -> torch.Tensor:
+    return method.execute([t.contiguous() for t in inputs])[0]
+
+
+def export_pte(model: nn.Module, example_inputs: tuple, dest: str | Path, *, sample_inputs: list[tuple], quantized: bool) -> dict:
+    """Write a verified .pte at `dest` (atomically) and return its manifest entry."""
+    dest = Path(dest)
+    with _progress.status(f"exporting {dest.name} (torch.export -> XNNPACK -> .pte)"):
+        program = lower(model, example_inputs)
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(program.buffer)
+        with _progress.status(f"verifying {dest.name} in the ExecuTorch runtime"):
+            entry = verify_pte(tmp, model, sample_inputs, quantized)
+    entry.update(format="pte", path=dest.name, bytes=dest.stat().st_size, sha256=sha256_file(dest))
+    return entry
+
+
+def verify_pte(path: Path, model: nn.Module, sample_inputs: list[tuple], quantized: bool) -> dict:
+    try:
+        method = load_method(path)
+    except Exception as exc:
+        raise EdgesparseError(f"the ExecuTorch runtime could not load the exported program: {exc}") from None
+    with torch.no_grad():
+        reference = [model(*inputs) for inputs in sample_inputs]
+    actual = [run_pte(method, inputs) for inputs in sample_inputs]
+    metrics = verify.compare(reference, actual)
+    scale = max(float(r.abs().max()) for r in reference)
+    entry = {"verified": verify.passes(metrics, quantized, scale), "samples": len(sample_inputs)}
+    entry.update(metrics)
+    entry["tolerance"] = (
+        {"min_cosine": verify.QUANT_MIN_COSINE, "max_relative_error": verify.QUANT_MAX_RELATIVE}
+        if quantized
+        else {"max_abs_error": verify.FP32_ATOL * max(1.0, scale)}
+    )
+    return entry

@@ -1,0 +1,47 @@
+"""The seam where sparse kernels plug into export: before torch.export, each layer whose pattern
+and dtype have a registered kernel is swapped for a module that calls that kernel's custom op.
+
+Kernel providers register a factory with `register_kernel(pattern_kind, dtype, factory)`;
+`factory(module, plan)` returns the replacement module, or None to keep the layer dense (for
+example when the measured crossover table says dense is faster at this shape). The chosen kernel
+name is written into the layer's plan, so the manifest says what runs where.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from edgesparse.prune import LayerPlan
+
+KernelFactory = Callable[[nn.Module, LayerPlan], "nn.Module | None"]
+_KERNELS: dict[tuple[str, str], tuple[str, KernelFactory]] = {}
+
+
+def register_kernel(pattern_kind: str, dtype: str, name: str, factory: KernelFactory) -> None:
+    _KERNELS[(pattern_kind, dtype)] = (name, factory)
+
+
+def unregister_kernel(pattern_kind: str, dtype: str) -> None:
+    _KERNELS.pop((pattern_kind, dtype), None)
+
+
+def swap_sparse_layers(model: nn.Module, plans: list[LayerPlan]) -> int:
+    """Replace eligible layers in place; returns how many were swapped."""
+    swapped = 0
+    for plan in plans:
+        if not plan.pattern or plan.pattern == "channel":
+            continue
+        entry = _KERNELS.get((plan.pattern.split(":")[0], plan.dtype))
+        if entry is None:
+            continue
+        name, factory = entry
+        parent_name, _, child = plan.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        replacement = factory(getattr(parent, child), plan)
+        if replacement is not None:
+            setattr(parent, child, replacement)
+            plan.kernel = name
+            swapped += 1
+    return swapped

@@ -1,0 +1,125 @@
+"""The `edgesparse` command: a thin skin over the Python API (each command calls one function).
+
+User errors print one line on stderr and exit with code 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgesparse.errors import EdgesparseError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune, quantize and export PyTorch models that run faster on edge devices.")
+out = Console()
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="demo:digits-cnn, demo:mobilenetv2, path/to/file.py:factory or model.pt2"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe file (.toml, .yaml or .json); flags override it"),
+    prune: Optional[float] = typer.Option(None, "--prune", help="target sparsity in [0, 1), e.g. 0.9"),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="unstructured | block:RxC | nm:N:M | channel"),
+    quant: Optional[str] = typer.Option(None, "--quant", help="none | int8 | int8-dynamic | int4w"),
+    fmt: str = typer.Option("pte", "--format", help="comma-separated formats (pte)"),
+    finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="gradual pruning over N fine-tune steps (built-in demos; 0 = one-shot)"),
+    output: Path = typer.Option(Path("out"), "-o", "--output", help="output folder"),
+):
+    """Compress MODEL and write verified artifacts plus manifest.json to the output folder."""
+    from edgesparse.pipeline import export_model, parse_formats, recipe_from_options
+    from edgesparse.recipe import Recipe
+
+    formats = parse_formats(fmt)  # fail on a bad format before loading anything
+    base = Recipe.load(recipe) if recipe else None
+    if base is None and finetune_steps is None and model.startswith("demo:"):
+        finetune_steps = 300 if (prune or 0) > 0 or (pattern or "").startswith("nm") else 0
+    resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps)
+    record = export_model(model, resolved, output, formats)
+    print_export_summary(record, output)
+    if not all(a["verified"] for a in record["artifacts"]):
+        raise EdgesparseError("an artifact failed verification against torch (see manifest.json)")
+
+
+def print_export_summary(record: dict, output: Path) -> None:
+    table = Table(title=f"{record['model']}: sparsity {record['sparsity_overall']:.1%}, quant {record['quantization']['mode']}")
+    for col in ("layer", "shape", "pattern", "sparsity", "dtype", "note"):
+        table.add_column(col)
+    for layer in record["layers"]:
+        shape = "x".join(map(str, layer["shape"]))
+        if layer.get("shape_after"):
+            shape += " -> " + "x".join(map(str, layer["shape_after"]))
+        table.add_row(layer["name"], shape, layer["pattern"] or "dense", f"{layer['sparsity']:.1%}", layer["dtype"], layer["reason"])
+    out.print(table)
+    metrics = record["metrics"]
+    if "accuracy_dense" in metrics:
+        out.print(f"accuracy: dense {metrics['accuracy_dense']:.2%} -> compressed {metrics['accuracy_compressed']:.2%}")
+    for a in record["artifacts"]:
+        err = f"cosine {a['cosine']:.6f}" if record["quantization"]["mode"] != "none" else f"max abs err {a['max_abs_error']:.2e}"
+        acc = f", accuracy {a['accuracy']:.2%}" if "accuracy" in a else ""
+        status = "[green]verified[/]" if a["verified"] else "[red]NOT verified[/]"
+        out.print(f"{output / a['path']}: {a['bytes'] / 1024:.1f} KiB, {err}{acc}, {status}")
+    out.print(f"manifest: {output / 'manifest.json'}")
+
+
+@app.command()
+def profile(
+    artifact: Path = typer.Argument(..., help="a .pte file"),
+    device: str = typer.Option("local", "--device", help="where to run (local)"),
+    runs: int = typer.Option(100, "--runs", help="timed runs (at least)"),
+    warmup: int = typer.Option(10, "--warmup", help="untimed runs first"),
+    threads: int = typer.Option(1, "--threads", help="runtime threads (1 = comparable, noise-free default)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full result as JSON here"),
+):
+    """Time ARTIFACT on a device: load, first run, steady-state percentiles, peak memory."""
+    from edgesparse._io import write_json_atomic
+    from edgesparse.devices import profile as run_profile
+
+    result = run_profile(artifact, device, runs=runs, warmup=warmup, threads=threads)
+    table = Table(title=f"{artifact.name} on {device} ({threads} thread{'s' if threads > 1 else ''}, {result['count']} runs)")
+    for col in ("load ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{result[k]:.3f}" for k in ("load_ms", "first_run_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
+                  f"{result['peak_rss_mb']:.1f}")
+    out.print(table)
+    if json_out:
+        write_json_atomic(json_out, result)
+        out.print(f"wrote {json_out}")
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("demo:digits-cnn", "--model", help="built-in demo model"),
+    output: Path = typer.Option(Path("out/demo"), "-o", "--output"),
+    prune: float = typer.Option(0.9, "--prune"),
+    pattern: str = typer.Option("block:4x1", "--pattern"),
+    quant: str = typer.Option("int8", "--quant"),
+    finetune_steps: int = typer.Option(300, "--finetune-steps"),
+    rounds: int = typer.Option(3, "--rounds", help="interleaved profiling rounds (dense, compressed, dense, ...)"),
+):
+    """Export MODEL dense and compressed, profile both interleaved, and print a before/after table."""
+    from edgesparse.demo import run_demo
+
+    run_demo(model, output, prune, pattern, quant, finetune_steps, rounds, out)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        app(standalone_mode=True)
+    except EdgesparseError as exc:
+        print(f"edgesparse: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("edgesparse: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""`compress(model, recipe)`: prune (one-shot or gradually inside the user's fine-tune loop), then
+quantize, in one call. Returns the compressed model and the per-layer plan for the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from edgesparse import _progress
+from edgesparse.channel import prune_channels
+from edgesparse.errors import EdgesparseError
+from edgesparse.layers import set_training
+from edgesparse.prune import LayerPlan, Pruner
+from edgesparse.quantize import quantize
+from edgesparse.recipe import Recipe
+
+# A fine-tune hook runs one training step: hook(model, step) -> optional loss.
+FinetuneHook = Callable[[nn.Module, int], "float | None"]
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module  # what gets exported (quantized when the recipe says so)
+    pruned: nn.Module  # the pruned fp32 model, before quantization
+    recipe: Recipe
+    layers: list[LayerPlan]
+    quant: dict = field(default_factory=dict)
+
+    @property
+    def sparsity_overall(self) -> float:
+        """Zeros (or removed weights, for channel pruning) over all conv/linear weights."""
+        total = sum(torch.Size(p.shape).numel() for p in self.layers)
+        removed = sum(p.sparsity * torch.Size(p.shape).numel() for p in self.layers)
+        return removed / total if total else 0.0
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    example_inputs: tuple | None = None,
+    calib: Iterable[tuple] | None = None,
+    finetune: FinetuneHook | None = None,
+) -> CompressResult:
+    """Apply `recipe` to `model` (pruning happens in place, like torchao's `sparsify_`).
+
+    With a `finetune` hook and `recipe.prune.schedule.steps > 0`, pruning is gradual: before each
+    step the masks follow the cubic schedule, and `finetune(model, step)` trains one step with the
+    masks held. Without a hook, pruning is one-shot. Channel pruning happens once, at the
+    schedule's begin step (or immediately), and the fine-tune steps then train the smaller model:
+    a hook should build its optimizer from `model.parameters()` at step 0.
+    """
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be an edgesparse.Recipe, got {type(recipe).__name__}")
+    cfg = recipe.prune
+    if cfg.parsed_pattern.kind == "channel" and cfg.active and example_inputs is None:
+        raise EdgesparseError("channel pruning needs example_inputs")
+    if recipe.quant.mode != "none" and example_inputs is None:
+        raise EdgesparseError("quantization needs example_inputs")
+    steps = cfg.schedule.steps if finetune is not None else 0
+    if cfg.schedule.steps and finetune is None:
+        _progress.console.print("[yellow]schedule.steps is set but no fine-tune hook was given: pruning one-shot")
+
+    if cfg.parsed_pattern.kind == "channel":
+        layers = _channel_with_finetune(model, recipe, example_inputs, finetune, steps)
+    else:
+        layers = _elements_with_finetune(model, recipe, finetune, steps)
+    set_training(model, False)
+    quantized, quant_info = quantize(model, recipe.quant, example_inputs, calib, progress=_progress.track)
+    if recipe.quant.mode != "none":
+        for plan in layers:
+            if recipe.quant.mode != "int4w" or plan.kind == "linear":
+                plan.dtype = "int4" if recipe.quant.mode == "int4w" else "int8"
+    return CompressResult(quantized, model, recipe, layers, quant_info)
+
+
+def _elements_with_finetune(model, recipe, finetune, steps) -> list[LayerPlan]:
+    pruner = Pruner(model, recipe.prune)
+    schedule = recipe.prune.schedule
+    if not pruner.active:
+        return pruner.finish()
+    pruner.attach()
+    try:
+        if not steps:
+            pruner.update(1.0)
+        else:
+            target = recipe.prune.target_sparsity or 1.0
+            set_training(model, True)
+            with _progress.bar("fine-tuning (gradual pruning)", steps) as advance:
+                for step in range(steps):
+                    if schedule.is_update_step(step):
+                        pruner.update(schedule.sparsity_at(step, target) / target)
+                    loss = finetune(model, step)
+                    advance(info=f"loss {loss:.4f}" if isinstance(loss, float) else "")
+            pruner.update(1.0)  # a no-op if the schedule already ended, exact otherwise
+    finally:
+        layers = pruner.finish()
+    return layers
+
+
+def _channel_with_finetune(model, recipe, example_inputs, finetune, steps) -> list[LayerPlan]:
+    set_training(model, False)  # trace and measure in inference mode
+    layers = prune_channels(model, recipe.prune, example_inputs)
+    if steps:
+        set_training(model, True)
+        with _progress.bar("fine-tuning (after channel pruning)", steps) as advance:
+            for step in range(steps):
+                loss = finetune(model, step)
+                advance(info=f"loss {loss:.4f}" if isinstance(loss, float) else "")
+    return layers

@@ -1,0 +1,116 @@
+"""`export_model`: the whole path from a model spec to verified artifacts plus a manifest,
+written atomically into one output folder. The CLI's `export` is a thin skin over this."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from edgesparse import _progress, manifest as manifest_mod
+from edgesparse._io import staging_dir, write_json_atomic
+from edgesparse.compress import compress
+from edgesparse.converters.executorch import export_pte, load_method, run_pte
+from edgesparse.converters.sparse_swap import swap_sparse_layers
+from edgesparse.errors import EdgesparseError
+from edgesparse.layers import set_training
+from edgesparse.models import ModelBundle, load_model
+from edgesparse.recipe import Recipe
+
+FORMATS = {"pte": export_pte}
+PLANNED_FORMATS = ("onnx", "tflite")
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip().lower() for f in str(text).split(",") if f.strip()]
+    if not formats:
+        raise EdgesparseError("no export format given (use --format pte)")
+    for fmt in formats:
+        if fmt in PLANNED_FORMATS:
+            raise EdgesparseError(f"format {fmt!r} is not available in this version yet (available: {', '.join(FORMATS)})")
+        if fmt not in FORMATS:
+            raise EdgesparseError(f"unknown format {fmt!r} (available: {', '.join(FORMATS)})")
+    return list(dict.fromkeys(formats))
+
+
+def export_model(
+    spec: str | ModelBundle,
+    recipe: Recipe,
+    out_dir: str | Path,
+    formats: list[str] = ("pte",),
+    finetune: bool = True,
+) -> dict:
+    """Compress and export; returns the manifest (also written to out_dir/manifest.json)."""
+    formats = parse_formats(",".join(formats))
+    bundle = spec if isinstance(spec, ModelBundle) else load_model(spec)
+    model = set_training(copy.deepcopy(bundle.model), False)
+    started = time.perf_counter()
+    metrics = {}
+    if bundle.evaluate:
+        metrics["accuracy_dense"] = bundle.evaluate(_eager(set_training(bundle.model, False)))
+    hook = bundle.finetune() if finetune and bundle.finetune and recipe.prune.schedule.steps else None
+    result = compress(
+        model, recipe, example_inputs=bundle.example_inputs,
+        calib=bundle.calib() if bundle.calib else None, finetune=hook,
+    )
+    if bundle.evaluate:
+        # the quantized graph is specialized to the example batch size: score it row by row
+        predict = _eager(result.model)
+        metrics["accuracy_compressed"] = bundle.evaluate(_rowwise(predict) if _batch_one(bundle) else predict)
+    if bundle.notes:
+        metrics["eval_set"] = "; ".join(bundle.notes)
+    swap_sparse_layers(result.model, result.layers)
+    layers = [plan.to_dict() for plan in result.layers]
+    record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
+    record["example_input_shapes"] = [list(t.shape) for t in bundle.example_inputs]
+    quantized = recipe.quant.mode != "none"
+    with staging_dir(out_dir) as stage:
+        for fmt in formats:
+            entry = FORMATS[fmt](result.model, bundle.example_inputs, stage / f"model.{fmt}",
+                                 sample_inputs=bundle.verification_inputs(), quantized=quantized)
+            if bundle.evaluate and fmt == "pte" and _batch_one(bundle):
+                method = load_method(stage / entry["path"])
+                entry["accuracy"] = bundle.evaluate(_rowwise(lambda x: run_pte(method, (x,))))
+            record["artifacts"].append(entry)
+        record["export_seconds"] = round(time.perf_counter() - started, 2)
+        write_json_atomic(stage / "manifest.json", manifest_mod.validate(record))
+    return record
+
+
+def _eager(model):
+    def predict(x):
+        with torch.no_grad():
+            return model(x)
+    return predict
+
+
+def _batch_one(bundle: ModelBundle) -> bool:
+    return len(bundle.example_inputs) == 1 and bundle.example_inputs[0].shape[0] == 1
+
+
+def _rowwise(predict):
+    """Exported programs have the example's fixed batch of 1: feed a batch one row at a time."""
+    return lambda x: torch.cat([predict(x[i : i + 1]) for i in range(len(x))])
+
+
+def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str | None, quant: str | None, steps: int | None) -> Recipe:
+    """CLI flags override the recipe file's values."""
+    import dataclasses
+
+    recipe = base or Recipe()
+    prune_cfg = recipe.prune
+    changes = {}
+    if pattern is not None:
+        changes["pattern"] = pattern
+    if prune is not None:
+        changes["sparsity"] = prune
+    if changes:
+        if "pattern" in changes and "sparsity" not in changes and changes["pattern"].startswith("nm"):
+            changes["sparsity"] = 0.0
+        prune_cfg = dataclasses.replace(prune_cfg, **changes)
+    if steps is not None:
+        prune_cfg = dataclasses.replace(prune_cfg, schedule=dataclasses.replace(prune_cfg.schedule, steps=steps))
+    quant_cfg = dataclasses.replace(recipe.quant, mode=quant) if quant is not None else recipe.quant
+    return Recipe(prune=prune_cfg, quant=quant_cfg)
