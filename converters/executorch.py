@@ -3,6 +3,10 @@ by running the .pte in the ExecuTorch runtime against eager torch on the same in
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,11 +29,33 @@ def lower(model: nn.Module, example_inputs: tuple):
     return edge.to_executorch()
 
 
+@contextlib.contextmanager
+def _native_stderr(lines: list[str]):
+    """Collect what native code writes to fd 2 (the runtime logs cpuinfo probing on every load)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode(errors="replace").splitlines())
+
+
 def load_method(path: str | Path):
     """Load a .pte's forward method in the ExecuTorch Python runtime."""
     from executorch.runtime import Runtime
 
-    return Runtime.get().load_program(str(path)).load_method("forward")
+    log: list[str] = []
+    try:
+        with _native_stderr(log):
+            return Runtime.get().load_program(str(path)).load_method("forward")
+    except Exception as exc:
+        detail = next((line for line in reversed(log) if line.strip() and "cpuinfo" not in line), "")
+        raise EdgesparseError(f"ExecuTorch could not load {Path(path).name}: {exc}" + (f" [{detail.strip()}]" if detail else "")) from None
 
 
 def run_pte(method, inputs: tuple) -> torch.Tensor:
@@ -50,10 +76,7 @@ def export_pte(model: nn.Module, example_inputs: tuple, dest: str | Path, *, sam
 
 
 def verify_pte(path: Path, model: nn.Module, sample_inputs: list[tuple], quantized: bool) -> dict:
-    try:
-        method = load_method(path)
-    except Exception as exc:
-        raise EdgesparseError(f"the ExecuTorch runtime could not load the exported program: {exc}") from None
+    method = load_method(path)
     with torch.no_grad():
         reference = [model(*inputs) for inputs in sample_inputs]
     actual = [run_pte(method, inputs) for inputs in sample_inputs]

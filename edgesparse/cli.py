@@ -5,8 +5,10 @@ User errors print one line on stderr and exit with code 2; bugs keep their trace
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -49,12 +51,13 @@ def export(
 
 def print_export_summary(record: dict, output: Path) -> None:
     table = Table(title=f"{record['model']}: sparsity {record['sparsity_overall']:.1%}, quant {record['quantization']['mode']}")
-    for col in ("layer", "shape", "pattern", "sparsity", "dtype", "note"):
-        table.add_column(col)
+    for col in ("layer", "shape", "pattern", "sparsity", "dtype"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("note", overflow="ellipsis", no_wrap=True, max_width=48)
     for layer in record["layers"]:
-        shape = "x".join(map(str, layer["shape"]))
-        if layer.get("shape_after"):
-            shape += " -> " + "x".join(map(str, layer["shape_after"]))
+        shape = "x".join(map(str, layer.get("shape_after") or layer["shape"]))
+        if layer.get("shape_after") and layer["shape_after"] != layer["shape"]:
+            shape += f" (was {layer['shape'][0]}x{layer['shape'][1]})"
         table.add_row(layer["name"], shape, layer["pattern"] or "dense", f"{layer['sparsity']:.1%}", layer["dtype"], layer["reason"])
     out.print(table)
     metrics = record["metrics"]
@@ -109,8 +112,18 @@ def demo(
     run_demo(model, output, prune, pattern, quant, finetune_steps, rounds, out)
 
 
+def _quiet_third_party() -> None:
+    """Known import-time noise from dependencies (torchao's optional CUDA extensions failing to
+    load on a CPU build, torch's pytree deprecation notes, exir's DeprecationWarnings)."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_third_party()
     try:
         app(standalone_mode=True)
     except EdgesparseError as exc:

