@@ -4,7 +4,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgesparse-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install fashion-mnist clean
+KERNELS := runtime_kernels/build/libedgesparse_et.so
+KERNEL_SOURCES := $(shell find runtime_kernels -path 'runtime_kernels/build*' -prune -o \( -name '*.c' -o -name '*.h' -o -name '*.inc' -o -name '*.cpp' -o -name CMakeLists.txt \) -print)
+
+.PHONY: demo test install kernels arm-toolchain fashion-mnist clean
 
 install: $(STAMP)
 
@@ -27,11 +30,25 @@ fashion-mnist:
 		|| echo "note: could not install dataset-fashion-mnist; demo:mobilenetv2 will run without accuracy numbers"; \
 	else echo "note: run 'sudo apt-get install dataset-fashion-mnist' for demo:mobilenetv2 accuracy numbers"; fi
 
-demo: $(STAMP)
+# The sparse kernels (C ABI + ExecuTorch op library), built against the executorch wheel.
+kernels: $(KERNELS)
+$(KERNELS): $(STAMP) $(KERNEL_SOURCES)
+	cmake -S runtime_kernels -B runtime_kernels/build -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE=$(abspath $(PY)) >/dev/null
+	cmake --build runtime_kernels/build -j2
+
+# aarch64 cross compiler + qemu-user: the ARM kernels are tested under emulation (correctness only).
+arm-toolchain:
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user) >/dev/null \
+		|| echo "note: could not install gcc-aarch64-linux-gnu and qemu-user; the aarch64 kernel tests will be skipped"; \
+	else echo "note: install gcc-aarch64-linux-gnu and qemu-user to run the aarch64 kernel tests"; fi
+
+demo: $(KERNELS)
 	$(VENV)/bin/edgesparse demo
 
-test: $(STAMP)
+test: $(KERNELS) arm-toolchain
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) out build *.egg-info .pytest_cache
+	rm -rf $(VENV) out build *.egg-info .pytest_cache runtime_kernels/build runtime_kernels/build-aarch64

@@ -49,6 +49,9 @@ def load_method(path: str | Path):
     """Load a .pte's forward method in the ExecuTorch Python runtime."""
     from executorch.runtime import Runtime
 
+    from edgesparse.runtime_kernels import load_executorch_ops
+
+    load_executorch_ops()  # programs with edgesparse:: ops need their kernels registered first
     log: list[str] = []
     try:
         with _native_stderr(log):

@@ -1,10 +1,11 @@
 """The seam where sparse kernels plug into export: before torch.export, each layer whose pattern
 and dtype have a registered kernel is swapped for a module that calls that kernel's custom op.
 
-Kernel providers register a factory with `register_kernel(pattern_kind, dtype, factory)`;
+Kernel providers register a factory with `register_kernel(pattern_kind, dtype, name, factory)`;
 `factory(module, plan)` returns the replacement module, or None to keep the layer dense (for
-example when the measured crossover table says dense is faster at this shape). The chosen kernel
-name is written into the layer's plan, so the manifest says what runs where.
+example when the measured crossover table says dense is faster at this shape). The kernel's name
+(the replacement's `kernel_name` attribute if it has one, else `name`) is written into the layer's
+plan, so the manifest says what runs where.
 """
 
 from __future__ import annotations
@@ -27,6 +28,22 @@ def unregister_kernel(pattern_kind: str, dtype: str) -> None:
     _KERNELS.pop((pattern_kind, dtype), None)
 
 
+def has_kernels(dtype: str = "float32") -> bool:
+    return any(key[1] == dtype for key in _KERNELS)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each conv's following BatchNorm into it (inference form), so a conv swapped for a
+    sparse op does not leave a standalone batch norm behind. Layer names stay the same; zeros stay
+    zero (BN scales whole output channels). Models torch.fx cannot trace are returned unchanged."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model)
+    except Exception:
+        return model
+
+
 def swap_sparse_layers(model: nn.Module, plans: list[LayerPlan]) -> int:
     """Replace eligible layers in place; returns how many were swapped."""
     swapped = 0
@@ -42,6 +59,6 @@ def swap_sparse_layers(model: nn.Module, plans: list[LayerPlan]) -> int:
         replacement = factory(getattr(parent, child), plan)
         if replacement is not None:
             setattr(parent, child, replacement)
-            plan.kernel = name
+            plan.kernel = getattr(replacement, "kernel_name", name)
             swapped += 1
     return swapped

@@ -44,6 +44,9 @@ def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float) -
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
+    from edgesparse.runtime_kernels import load_executorch_ops
+
+    load_executorch_ops()
     torch.set_num_threads(threads)
     portable_lib._unsafe_reset_threadpool(threads)
     runtime = Runtime.get()

@@ -52,13 +52,14 @@ def export(
 def print_export_summary(record: dict, output: Path) -> None:
     table = Table(title=f"{record['model']}: sparsity {record['sparsity_overall']:.1%}, quant {record['quantization']['mode']}")
     for col in ("layer", "shape", "pattern", "sparsity", "dtype"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("note", overflow="ellipsis", no_wrap=True, max_width=48)
+        table.add_column(col, no_wrap=True, min_width=len(col))
+    table.add_column("runs on / why dense", overflow="fold", ratio=1)
     for layer in record["layers"]:
         shape = "x".join(map(str, layer.get("shape_after") or layer["shape"]))
         if layer.get("shape_after") and layer["shape_after"] != layer["shape"]:
-            shape += f" (was {layer['shape'][0]}x{layer['shape'][1]})"
-        table.add_row(layer["name"], shape, layer["pattern"] or "dense", f"{layer['sparsity']:.1%}", layer["dtype"], layer["reason"])
+            shape += f" (was {layer['shape'][0]})"
+        note = layer["reason"] if not layer["pattern"] or layer["pattern"] == "channel" else layer["kernel"]
+        table.add_row(layer["name"], shape, layer["pattern"] or "dense", f"{layer['sparsity']:.1%}", layer["dtype"], note)
     out.print(table)
     metrics = record["metrics"]
     if "accuracy_dense" in metrics:

@@ -13,7 +13,8 @@ from edgesparse import _progress, manifest as manifest_mod
 from edgesparse._io import staging_dir, write_json_atomic
 from edgesparse.compress import compress
 from edgesparse.converters.executorch import export_pte, load_method, run_pte
-from edgesparse.converters.sparse_swap import swap_sparse_layers
+from edgesparse import runtime_kernels
+from edgesparse.converters.sparse_swap import fold_batchnorm, has_kernels, swap_sparse_layers
 from edgesparse.errors import EdgesparseError
 from edgesparse.layers import set_training
 from edgesparse.models import ModelBundle, load_model
@@ -61,14 +62,20 @@ def export_model(
         metrics["accuracy_compressed"] = bundle.evaluate(_rowwise(predict) if _batch_one(bundle) else predict)
     if bundle.notes:
         metrics["eval_set"] = "; ".join(bundle.notes)
-    swap_sparse_layers(result.model, result.layers)
+    export_model_ = result.model
+    if runtime_kernels.register_with_exporter() and recipe.quant.mode == "none" and has_kernels("float32"):
+        export_model_ = fold_batchnorm(result.model)
+    swapped = swap_sparse_layers(export_model_, result.layers)
     layers = [plan.to_dict() for plan in result.layers]
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
     record["example_input_shapes"] = [list(t.shape) for t in bundle.example_inputs]
+    if swapped:
+        record["runtime_ops"] = {"library": runtime_kernels.ET_LIBRARY.name,
+                                 "kernels": sorted({plan.kernel for plan in result.layers if plan.kernel != "dense-xnnpack"})}
     quantized = recipe.quant.mode != "none"
     with staging_dir(out_dir) as stage:
         for fmt in formats:
-            entry = FORMATS[fmt](result.model, bundle.example_inputs, stage / f"model.{fmt}",
+            entry = FORMATS[fmt](export_model_, bundle.example_inputs, stage / f"model.{fmt}",
                                  sample_inputs=bundle.verification_inputs(), quantized=quantized)
             if bundle.evaluate and fmt == "pte" and _batch_one(bundle):
                 method = load_method(stage / entry["path"])

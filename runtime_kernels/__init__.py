@@ -1,0 +1,64 @@
+"""edgesparse's sparse CPU kernels: the C libraries built from this folder and their Python side.
+
+    build()                 configure + build with CMake (make does this; tests call it if needed)
+    available()             whether the ExecuTorch op library is built
+    load_executorch_ops()   load it into this process's ExecuTorch runtime, exactly once
+    register_with_exporter() let `export` swap eligible layers for the edgesparse:: ops
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+from pathlib import Path
+
+from edgesparse.errors import EdgesparseError
+
+SOURCE_DIR = Path(__file__).resolve().parent
+BUILD_DIR = SOURCE_DIR / "build"
+ET_LIBRARY = BUILD_DIR / "libedgesparse_et.so"
+C_LIBRARY = BUILD_DIR / "libedgesparse_kernels.so"
+_loaded = False
+
+
+def build(quiet: bool = True) -> None:
+    """Configure and build the kernel libraries with CMake (about 5 s)."""
+    out = subprocess.DEVNULL if quiet else None
+    try:
+        subprocess.run(["cmake", "-S", str(SOURCE_DIR), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
+                        f"-DPython3_EXECUTABLE={sys.executable}"], check=True, stdout=out)
+        subprocess.run(["cmake", "--build", str(BUILD_DIR), "-j2"], check=True, stdout=out)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise EdgesparseError(f"building the sparse kernels failed: {exc}", hint="run `make kernels` to see the compiler output") from None
+
+
+def available() -> bool:
+    return ET_LIBRARY.is_file()
+
+
+def load_executorch_ops() -> bool:
+    """Register the edgesparse:: kernels in ExecuTorch's operator registry, once per process.
+
+    Registering the same kernel twice aborts the process, so this is idempotent and never loads
+    a second copy. Returns False when the library has not been built."""
+    global _loaded
+    if _loaded:
+        return True
+    if not available():
+        return False
+    from executorch.extension.pybindings import portable_lib  # noqa: F401  (loads libexecutorch.so first)
+
+    ctypes.CDLL(str(ET_LIBRARY), mode=ctypes.RTLD_GLOBAL)
+    _loaded = True
+    return True
+
+
+def register_with_exporter() -> bool:
+    """Make export swap eligible fp32 layers for edgesparse:: ops (when the kernels are built)."""
+    if not available():
+        return False
+    from edgesparse.runtime_kernels.modules import register
+
+    register()
+    return True

@@ -125,11 +125,12 @@ def test_sparse_kernel_seam_swaps_layers_before_export(tmp_path):
             return nn.functional.linear(x, w, self.bias)
 
     seen = []
-    sparse_swap.register_kernel("block", "float32", "test-swap", lambda m, plan: seen.append(plan.name) or Swapped(m))
+    # N:M has no kernel of its own yet, so this registration does not displace a real one
+    sparse_swap.register_kernel("nm", "float32", "test-swap", lambda m, plan: seen.append(plan.name) or Swapped(m))
     try:
-        record = export_model(mlp_bundle(), Recipe(prune=PruneConfig(sparsity=0.75, pattern="block:4x1")), tmp_path)
+        record = export_model(mlp_bundle(), Recipe(prune=PruneConfig(pattern="nm:2:4")), tmp_path)
     finally:
-        sparse_swap.unregister_kernel("block", "float32")
+        sparse_swap.unregister_kernel("nm", "float32")
     assert seen == ["fc2"]
     kernels = {layer["name"]: layer["kernel"] for layer in record["layers"]}
     assert kernels == {"fc1": "dense-xnnpack", "fc2": "test-swap", "fc3": "dense-xnnpack"}

@@ -1,0 +1,64 @@
+"""ctypes binding of the plain C ABI (include/edgesparse/kernels.h), for tests and benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from edgesparse.runtime_kernels import C_LIBRARY
+from edgesparse.runtime_kernels.formats import BCSR
+
+_f32p = ctypes.POINTER(ctypes.c_float)
+_i32p = ctypes.POINTER(ctypes.c_int32)
+
+
+class _Weights(ctypes.Structure):
+    _fields_ = [("out", ctypes.c_size_t), ("in_", ctypes.c_size_t), ("block_rows", ctypes.c_size_t),
+                ("values", _f32p), ("col_idx", _i32p), ("row_ptr", _i32p), ("bias", _f32p)]
+
+
+_lib = None
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        _lib = ctypes.CDLL(str(C_LIBRARY))
+        _lib.es_f32_bcsr_isa.restype = ctypes.c_char_p
+        _lib.es_force_isa.argtypes = [ctypes.c_char_p]
+    return _lib
+
+
+def _ptr(t: torch.Tensor, kind):
+    return ctypes.cast(t.data_ptr(), kind)
+
+
+def weights(packed: BCSR, bias: torch.Tensor | None) -> _Weights:
+    return _Weights(packed.out_features, packed.in_features, packed.block_rows, _ptr(packed.values, _f32p),
+                    _ptr(packed.col_idx, _i32p), _ptr(packed.row_ptr, _i32p), _ptr(bias, _f32p) if bias is not None else None)
+
+
+def linear(packed: BCSR, bias, x: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous().float()
+    y = torch.empty(*x.shape[:-1], packed.out_features)
+    w = weights(packed, bias)
+    lib().es_f32_bcsr_linear(ctypes.byref(w), ctypes.c_size_t(x.numel() // packed.in_features), _ptr(x, _f32p), _ptr(y, _f32p))
+    return y
+
+
+def conv1x1_nchw(packed: BCSR, bias, x: torch.Tensor) -> torch.Tensor:
+    """x [in, pixels] -> y [out, pixels]"""
+    x = x.contiguous().float()
+    y = torch.empty(packed.out_features, x.shape[1])
+    w = weights(packed, bias)
+    lib().es_f32_bcsr_conv1x1_nchw(ctypes.byref(w), ctypes.c_size_t(x.shape[1]), _ptr(x, _f32p), _ptr(y, _f32p))
+    return y
+
+
+def isa() -> str:
+    return lib().es_f32_bcsr_isa().decode()
+
+
+def force_isa(name: str | None) -> bool:
+    return lib().es_force_isa(name.encode() if name else None) == 0

@@ -1,0 +1,89 @@
+// ExecuTorch kernels for the edgesparse:: custom ops: thin wrappers that check shapes and hand raw
+// pointers to the C kernels. Registered once, when this library is loaded (static initializer).
+// The op schemas (and the eager/Meta implementations torch.export needs) live in
+// edgesparse/runtime_kernels/ops.py; the argument order here must match them.
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+
+#include "edgesparse/kernels.h"
+
+namespace {
+
+using executorch::aten::ScalarType;
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+
+bool check_weights(KernelRuntimeContext& ctx, const Tensor& values, const Tensor& col_idx, const Tensor& row_ptr,
+                   const std::optional<Tensor>& bias, int64_t block_rows, int64_t out_features) {
+  const bool ok = values.scalar_type() == ScalarType::Float && col_idx.scalar_type() == ScalarType::Int &&
+                  row_ptr.scalar_type() == ScalarType::Int && block_rows >= 1 &&
+                  row_ptr.numel() == (out_features + block_rows - 1) / block_rows + 1 &&
+                  (!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->numel() == out_features));
+  if (!ok) {
+    ET_LOG(Error, "edgesparse: malformed BCSR weights or bias");
+    ctx.fail(Error::InvalidArgument);
+  }
+  return ok;
+}
+
+es_bcsr_f32 describe(const Tensor& values, const Tensor& col_idx, const Tensor& row_ptr,
+                     const std::optional<Tensor>& bias, int64_t block_rows, int64_t in_features, int64_t out_features) {
+  return es_bcsr_f32{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
+                     static_cast<size_t>(block_rows), values.const_data_ptr<float>(),
+                     col_idx.const_data_ptr<int32_t>(), row_ptr.const_data_ptr<int32_t>(),
+                     bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+}
+
+// y[..., out] = W x[..., in] + bias
+Tensor& bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
+                        const Tensor& row_ptr, const std::optional<Tensor>& bias, int64_t block_rows,
+                        int64_t in_features, int64_t out_features, Tensor& out) {
+  if (!check_weights(ctx, values, col_idx, row_ptr, bias, block_rows, out_features)) return out;
+  if (x.scalar_type() != ScalarType::Float || x.dim() < 1 || x.size(x.dim() - 1) != in_features) {
+    ET_LOG(Error, "edgesparse::bcsr_linear: input must be float with last dim %lld", (long long)in_features);
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  SizesType sizes[8];
+  for (ssize_t d = 0; d < x.dim(); d++) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = static_cast<SizesType>(out_features);
+  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, in_features, out_features);
+  es_f32_bcsr_linear(&w, static_cast<size_t>(x.numel() / in_features), x.const_data_ptr<float>(),
+                     out.mutable_data_ptr<float>());
+  return out;
+}
+
+// 1x1 convolution, NCHW: x [N, in, H, W] -> out [N, out, H, W]
+Tensor& bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
+                         const Tensor& row_ptr, const std::optional<Tensor>& bias, int64_t block_rows,
+                         int64_t in_features, int64_t out_features, Tensor& out) {
+  if (!check_weights(ctx, values, col_idx, row_ptr, bias, block_rows, out_features)) return out;
+  if (x.scalar_type() != ScalarType::Float || x.dim() != 4 || x.size(1) != in_features) {
+    ET_LOG(Error, "edgesparse::bcsr_conv1x1: input must be float NCHW with %lld channels", (long long)in_features);
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(out_features),
+                        static_cast<SizesType>(x.size(2)), static_cast<SizesType>(x.size(3))};
+  if (executorch::runtime::resize_tensor(out, {sizes, 4}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, in_features, out_features);
+  const size_t pixels = static_cast<size_t>(x.size(2) * x.size(3));
+  for (ssize_t n = 0; n < x.size(0); n++)
+    es_f32_bcsr_conv1x1_nchw(&w, pixels, x.const_data_ptr<float>() + n * in_features * pixels,
+                             out.mutable_data_ptr<float>() + n * out_features * pixels);
+  return out;
+}
+
+}  // namespace
+
+EXECUTORCH_LIBRARY(edgesparse, "bcsr_linear.out", bcsr_linear_out);
+EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1.out", bcsr_conv1x1_out);

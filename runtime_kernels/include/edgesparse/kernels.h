@@ -1,0 +1,47 @@
+/* edgesparse sparse CPU kernels: the plain C ABI (tests, benchmarks, runtime op wrappers).
+ *
+ * Weight format "BCSR Rx1": the weight [out, in] is cut into row blocks of R consecutive output
+ * channels (R in {1, 2, 4, 8}); a nonzero block is R values sharing one input column.
+ *   row_ptr[b] .. row_ptr[b+1]  the nonzero blocks of row block b   (int32, ceil(out/R) + 1)
+ *   col_idx[k]                  input column of block k             (int32, nnz_blocks)
+ *   values[k*R + r]             weight[b*R + r, col_idx[k]]         (float, nnz_blocks * R)
+ * A ragged last row block is zero-padded in `values`; only rows < out are written.
+ */
+#ifndef EDGESPARSE_KERNELS_H
+#define EDGESPARSE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+  size_t out;             /* output channels */
+  size_t in;              /* input channels */
+  size_t block_rows;      /* R */
+  const float* values;
+  const int32_t* col_idx;
+  const int32_t* row_ptr;
+  const float* bias;      /* [out] or NULL */
+} es_bcsr_f32;
+
+/* Linear, rows of x are independent: y[n, :] = W x[n, :] + bias, x [n, in], y [n, out]. */
+void es_f32_bcsr_linear(const es_bcsr_f32* w, size_t n, const float* x, float* y);
+
+/* 1x1 convolution in NCHW for one image: y[o, p] = sum_i W[o, i] x[i, p] + bias[o],
+ * x [in, pixels], y [out, pixels]. Vectorized over pixels. */
+void es_f32_bcsr_conv1x1_nchw(const es_bcsr_f32* w, size_t pixels, const float* x, float* y);
+
+/* Which implementation dispatch picked on this CPU: "scalar", "avx2", "avx512" or "neon". */
+const char* es_f32_bcsr_isa(void);
+
+/* Force an implementation by name (tests exercise every variant the CPU can run).
+ * Returns 0 on success, -1 if unknown or unsupported here. NULL restores automatic dispatch. */
+int es_force_isa(const char* name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,75 @@
+"""Modules that call the edgesparse:: ops, and the factory export uses to swap layers for them.
+
+A layer is swapped when its pattern has a kernel (block Rx1 with R in {1, 2, 4, 8}, or
+unstructured as R = 1), it is fp32, it is a Linear or a 1x1 stride-1 unpadded Conv2d, and its
+sparsity reaches MIN_SPARSITY; otherwise it stays dense in XNNPACK.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgesparse.recipe import Pattern
+from edgesparse.runtime_kernels import ops  # noqa: F401  (defines torch.ops.edgesparse.*)
+from edgesparse.runtime_kernels.formats import pack_bcsr
+
+BLOCK_ROWS = (1, 2, 4, 8)
+# Provisional threshold until the per-shape crossover table from `edgesparse bench` drives the
+# choice: below this, dense XNNPACK is expected to win.
+MIN_SPARSITY = 0.5
+
+
+class _BCSRModule(nn.Module):
+    op = None
+
+    def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None, block_rows: int):
+        super().__init__()
+        packed = pack_bcsr(weight2d, block_rows)
+        self.register_buffer("values", packed.values)
+        self.register_buffer("col_idx", packed.col_idx)
+        self.register_buffer("row_ptr", packed.row_ptr)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.block_rows, self.in_features, self.out_features = block_rows, packed.in_features, packed.out_features
+
+    @property
+    def kernel_name(self) -> str:
+        return f"edgesparse::{self.op_name} ({self.block_rows}x1, f32)"
+
+    def forward(self, x):
+        return self.op(x, self.values, self.col_idx, self.row_ptr, self.bias, self.block_rows, self.in_features, self.out_features)
+
+
+class SparseLinear(_BCSRModule):
+    op, op_name = torch.ops.edgesparse.bcsr_linear, "bcsr_linear"
+
+
+class SparseConv1x1(_BCSRModule):
+    op, op_name = torch.ops.edgesparse.bcsr_conv1x1, "bcsr_conv1x1"
+
+
+def block_rows_for(pattern: Pattern) -> int | None:
+    if pattern.kind == "unstructured":
+        return 1
+    if pattern.kind == "block" and pattern.cols == 1 and pattern.rows in BLOCK_ROWS:
+        return pattern.rows
+    return None
+
+
+def swap_factory(module: nn.Module, plan) -> nn.Module | None:
+    rows = block_rows_for(Pattern.parse(plan.pattern))
+    if rows is None or plan.sparsity < MIN_SPARSITY:
+        return None
+    if isinstance(module, nn.Linear):
+        return SparseLinear(module.weight, module.bias, rows)
+    if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding == (0, 0) and module.dilation == (1, 1) and module.groups == 1):
+        return SparseConv1x1(module.weight.reshape(module.out_channels, -1), module.bias, rows)
+    return None
+
+
+def register() -> None:
+    from edgesparse.converters.sparse_swap import register_kernel
+
+    for kind in ("block", "unstructured"):
+        register_kernel(kind, "float32", "edgesparse-bcsr", swap_factory)

@@ -1,0 +1,50 @@
+"""The edgesparse:: op schemas for torch: what torch.export captures and ExecuTorch runs.
+
+Each op has the functional form, the `.out` form ExecuTorch's emitter looks up, an eager
+implementation (dense reconstruction: slow, for debugging and as the reference) and a Meta
+implementation (shapes only, for export). The ExecuTorch kernels are in et_ops/et_ops.cpp.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from edgesparse.runtime_kernels.formats import unpack_bcsr
+
+_ARGS = "Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? bias, int block_rows, int in_features, int out_features"
+_lib = torch.library.Library("edgesparse", "DEF")
+for _name in ("bcsr_linear", "bcsr_conv1x1"):
+    _lib.define(f"{_name}({_ARGS}) -> Tensor")
+    _lib.define(f"{_name}.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def _linear(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features):
+    return F.linear(x, unpack_bcsr(values, col_idx, row_ptr, block_rows, in_features, out_features), bias)
+
+
+def _conv1x1(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features):
+    weight = unpack_bcsr(values, col_idx, row_ptr, block_rows, in_features, out_features)
+    return F.conv2d(x, weight[:, :, None, None], bias)
+
+
+def _linear_meta(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _conv1x1_meta(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features):
+    return x.new_empty((x.shape[0], out_features, x.shape[2], x.shape[3]))
+
+
+def _out_variant(fn):
+    def impl(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features, *, out):
+        result = fn(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features)
+        out.resize_(result.shape).copy_(result)
+        return out
+    return impl
+
+
+for _name, _eager, _meta in (("bcsr_linear", _linear, _linear_meta), ("bcsr_conv1x1", _conv1x1, _conv1x1_meta)):
+    _lib.impl(_name, _eager, "CompositeExplicitAutograd")
+    _lib.impl(f"{_name}.out", _out_variant(_eager), "CompositeExplicitAutograd")
+    _lib.impl(_name, _meta, "Meta")

@@ -1,0 +1,77 @@
+/* One table of kernels drives dispatch, tests and benchmarks: adding an ISA is one row.
+ * The best row this CPU supports is chosen once, at first use, from run-time CPU features. */
+#include <string.h>
+
+#include "edgesparse/kernels.h"
+
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#endif
+
+typedef void (*es_linear_fn)(const es_bcsr_f32*, size_t, const float*, float*);
+typedef void (*es_conv_fn)(const es_bcsr_f32*, size_t, const float*, float*);
+
+#define ES_DECLARE(isa)                                                                   \
+  void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*);     \
+  void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*);
+
+ES_DECLARE(scalar)
+#if defined(__x86_64__)
+ES_DECLARE(avx2)
+ES_DECLARE(avx512)
+#elif defined(__aarch64__)
+ES_DECLARE(neon)
+#endif
+
+static int es_supported(const char* isa) {
+  if (!strcmp(isa, "scalar")) return 1;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (!strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!strcmp(isa, "avx512")) return __builtin_cpu_supports("avx512f");
+#elif defined(__aarch64__)
+  if (!strcmp(isa, "neon")) return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
+#endif
+  return 0;
+}
+
+static const struct {
+  const char* isa;
+  es_linear_fn linear;
+  es_conv_fn conv1x1;
+} es_table[] = {  /* best first */
+#if defined(__x86_64__)
+    {"avx512", es_f32_bcsr_linear__avx512, es_f32_bcsr_conv1x1_nchw__avx512},
+    {"avx2", es_f32_bcsr_linear__avx2, es_f32_bcsr_conv1x1_nchw__avx2},
+#elif defined(__aarch64__)
+    {"neon", es_f32_bcsr_linear__neon, es_f32_bcsr_conv1x1_nchw__neon},
+#endif
+    {"scalar", es_f32_bcsr_linear__scalar, es_f32_bcsr_conv1x1_nchw__scalar},
+};
+static const size_t es_rows = sizeof(es_table) / sizeof(es_table[0]);
+static int es_choice = -1;
+
+static int es_select(void) {
+  if (es_choice < 0) {
+    for (size_t i = 0; i < es_rows; i++)
+      if (es_supported(es_table[i].isa)) { es_choice = (int)i; break; }
+  }
+  return es_choice;
+}
+
+int es_force_isa(const char* name) {
+  if (name == NULL) { es_choice = -1; return 0; }
+  for (size_t i = 0; i < es_rows; i++)
+    if (!strcmp(es_table[i].isa, name) && es_supported(name)) { es_choice = (int)i; return 0; }
+  return -1;
+}
+
+const char* es_f32_bcsr_isa(void) { return es_table[es_select()].isa; }
+
+void es_f32_bcsr_linear(const es_bcsr_f32* w, size_t n, const float* x, float* y) {
+  es_table[es_select()].linear(w, n, x, y);
+}
+
+void es_f32_bcsr_conv1x1_nchw(const es_bcsr_f32* w, size_t pixels, const float* x, float* y) {
+  es_table[es_select()].conv1x1(w, pixels, x, y);
+}

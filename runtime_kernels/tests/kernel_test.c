@@ -1,0 +1,126 @@
+/* Every kernel variant this CPU can run, against a dense double-precision reference, on random
+ * and edge-case weights: empty row blocks, all-zero and fully dense weights, sizes that are not
+ * multiples of the tile, batch 1, and misaligned input/output pointers. Built natively and for
+ * aarch64 (run under qemu-aarch64 -cpu cortex-a53 / cortex-a76 / max). Prints one line per
+ * failure and a final "N passed, M failed" line; exit code 1 on any failure. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "edgesparse/kernels.h"
+
+static const char* ISAS[] = {"scalar", "avx2", "avx512", "neon"};
+static unsigned long long rng = 42;
+static float frand(void) {
+  rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+  return (float)((rng >> 40) & 0xFFFFFF) / (float)0x1000000 * 2.0f - 1.0f;
+}
+
+typedef struct { float* values; int32_t* col; int32_t* ptr; float* dense; } packed;
+
+/* density: probability a block is nonzero; mode 1 = every other row block empty */
+static packed make_weights(size_t out, size_t in, size_t R, double density, int mode) {
+  size_t blocks = (out + R - 1) / R;
+  packed p;
+  p.dense = calloc(out * in, sizeof(float));
+  p.values = malloc((blocks * in * R + 1) * sizeof(float));
+  p.col = malloc((blocks * in + 1) * sizeof(int32_t));
+  p.ptr = malloc((blocks + 1) * sizeof(int32_t));
+  size_t k = 0;
+  p.ptr[0] = 0;
+  for (size_t b = 0; b < blocks; b++) {
+    for (size_t c = 0; c < in; c++) {
+      int keep = (frand() * 0.5f + 0.5f) < density && !(mode == 1 && b % 2 == 1);
+      if (!keep) continue;
+      p.col[k] = (int32_t)c;
+      for (size_t r = 0; r < R; r++) {
+        float v = (b * R + r < out) ? frand() : 0.0f;
+        p.values[k * R + r] = v;
+        if (b * R + r < out) p.dense[(b * R + r) * in + c] = v;
+      }
+      k++;
+    }
+    p.ptr[b + 1] = (int32_t)k;
+  }
+  return p;
+}
+
+static int close_enough(const float* got, const double* want, size_t count, const char* what) {
+  double scale = 1e-30;
+  for (size_t i = 0; i < count; i++) scale = fmax(scale, fabs(want[i]));
+  for (size_t i = 0; i < count; i++) {
+    if (fabs(got[i] - want[i]) > 1e-5 * fabs(want[i]) + 1e-6 * scale) {
+      printf("FAIL %s: element %zu got %.9g want %.9g\n", what, i, got[i], want[i]);
+      return 0;
+    }
+  }
+  return 1;
+}
+
+int main(void) {
+  const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 33}, {20, 12, 7}};
+  const size_t block_rows[] = {1, 2, 4, 8};
+  const double densities[] = {0.0, 0.1, 0.5, 1.0};
+  int passed = 0, failed = 0;
+  for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+    for (size_t ri = 0; ri < 4; ri++)
+      for (size_t di = 0; di < 4; di++)
+        for (int mode = 0; mode < 2; mode++) {
+          size_t out = shapes[s][0], in = shapes[s][1], n = shapes[s][2], R = block_rows[ri];
+          packed p = make_weights(out, in, R, densities[di], mode);
+          float* bias = malloc(out * sizeof(float));
+          for (size_t o = 0; o < out; o++) bias[o] = frand();
+          /* +1: misaligned by one float on purpose */
+          float* xbuf = malloc((n * in + 2) * sizeof(float));
+          float* ybuf = malloc((n * out + 2) * sizeof(float));
+          float* x = xbuf + 1;
+          float* y = ybuf + 1;
+          for (size_t i = 0; i < n * in; i++) x[i] = frand();
+          double* want_lin = calloc(n * out, sizeof(double));
+          double* want_conv = calloc(out * n, sizeof(double));
+          for (size_t row = 0; row < n; row++)
+            for (size_t o = 0; o < out; o++) {
+              double acc = bias[o];
+              for (size_t c = 0; c < in; c++) acc += (double)p.dense[o * in + c] * x[row * in + c];
+              want_lin[row * out + o] = acc;
+            }
+          /* conv reads x as [in, pixels] with pixels = n */
+          for (size_t o = 0; o < out; o++)
+            for (size_t px = 0; px < n; px++) {
+              double acc = bias[o];
+              for (size_t c = 0; c < in; c++) acc += (double)p.dense[o * in + c] * x[c * n + px];
+              want_conv[o * n + px] = acc;
+            }
+          es_bcsr_f32 w = {out, in, R, p.values, p.col, p.ptr, bias};
+          for (size_t isa = 0; isa < 4; isa++) {
+            if (es_force_isa(ISAS[isa]) != 0) continue;
+            char what[160];
+            snprintf(what, sizeof what, "%s linear out=%zu in=%zu n=%zu R=%zu density=%.1f mode=%d", ISAS[isa], out, in, n, R, densities[di], mode);
+            ybuf[0] = ybuf[n * out + 1] = 12345.0f;
+            es_f32_bcsr_linear(&w, n, x, y);
+            int ok = close_enough(y, want_lin, n * out, what) && ybuf[0] == 12345.0f && ybuf[n * out + 1] == 12345.0f;
+            ok ? passed++ : failed++;
+            snprintf(what, sizeof what, "%s conv1x1 out=%zu in=%zu px=%zu R=%zu density=%.1f mode=%d", ISAS[isa], out, in, n, R, densities[di], mode);
+            es_f32_bcsr_conv1x1_nchw(&w, n, x, y);
+            ok = close_enough(y, want_conv, out * n, what) && ybuf[0] == 12345.0f && ybuf[n * out + 1] == 12345.0f;
+            ok ? passed++ : failed++;
+            /* without bias */
+            w.bias = NULL;
+            es_f32_bcsr_linear(&w, n, x, y);
+            for (size_t row = 0; row < n; row++)
+              for (size_t o = 0; o < out; o++) want_lin[row * out + o] -= bias[o];
+            snprintf(what, sizeof what, "%s linear no-bias out=%zu in=%zu R=%zu", ISAS[isa], out, in, R);
+            close_enough(y, want_lin, n * out, what) ? passed++ : failed++;
+            for (size_t row = 0; row < n; row++)
+              for (size_t o = 0; o < out; o++) want_lin[row * out + o] += bias[o];
+            w.bias = bias;
+          }
+          es_force_isa(NULL);
+          free(p.values); free(p.col); free(p.ptr); free(p.dense); free(bias);
+          free(xbuf); free(ybuf); free(want_lin); free(want_conv);
+        }
+  printf("dispatch picks: %s\n", es_f32_bcsr_isa());
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed ? 1 : 0;
+}

@@ -1,0 +1,169 @@
+"""Sparse kernels: every variant against dense references, natively and for aarch64 under qemu
+(correctness only: timings under emulation mean nothing), and the edgesparse:: ops in ExecuTorch."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from edgesparse import Recipe, export_model
+from edgesparse.models import ModelBundle
+from edgesparse.recipe import LayerRule, PruneConfig, QuantConfig
+from edgesparse import runtime_kernels
+from edgesparse.runtime_kernels import capi
+from edgesparse.runtime_kernels.formats import pack_bcsr, unpack_bcsr
+
+ROOT = runtime_kernels.SOURCE_DIR
+AARCH64_BUILD = ROOT / "build-aarch64"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built():
+    if not runtime_kernels.available():
+        runtime_kernels.build()
+    return True
+
+
+def sparse_weight(out, inp, rows, density, gen=None):
+    """Random weight whose nonzeros come in whole R-row blocks."""
+    gen = gen or torch.Generator().manual_seed(0)
+    blocks = -(-out // rows)
+    keep = (torch.rand(blocks, 1, inp, generator=gen) < density).expand(blocks, rows, inp).reshape(-1, inp)[:out]
+    return torch.randn(out, inp, generator=gen) * keep
+
+
+def test_native_kernel_test_binary():
+    proc = subprocess.run([str(ROOT / "build" / "kernel_test")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].endswith(" 0 failed")
+
+
+@pytest.fixture(scope="session")
+def aarch64_test_binary():
+    if not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")):
+        if os.environ.get("CI"):
+            pytest.fail("CI must have gcc-aarch64-linux-gnu and qemu-user (make test installs them)")
+        pytest.skip("gcc-aarch64-linux-gnu / qemu-user not installed (make arm-toolchain)")
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(AARCH64_BUILD), "-DEDGESPARSE_EXECUTORCH=OFF",
+                    f"-DCMAKE_TOOLCHAIN_FILE={ROOT / 'tests' / 'aarch64-toolchain.cmake'}"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(AARCH64_BUILD), "-j2", "--target", "kernel_test"], check=True, capture_output=True)
+    return AARCH64_BUILD / "kernel_test"
+
+
+@pytest.mark.parametrize("cpu", ["cortex-a53", "cortex-a76", "max"])
+def test_aarch64_kernels_under_qemu(aarch64_test_binary, cpu):
+    proc = subprocess.run(["qemu-aarch64", "-cpu", cpu, str(aarch64_test_binary)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == "dispatch picks: neon" and lines[-1].endswith(" 0 failed"), lines[-3:]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", [(64, 48), (67, 45), (1, 1), (5, 130)])
+def test_pack_roundtrip(rows, shape):
+    w = sparse_weight(*shape, rows, 0.3)
+    packed = pack_bcsr(w, rows)
+    assert packed.row_ptr.numel() == -(-shape[0] // rows) + 1
+    assert torch.equal(unpack_bcsr(packed.values, packed.col_idx, packed.row_ptr, rows, shape[1], shape[0]), w)
+    empty = pack_bcsr(torch.zeros(shape), rows)
+    assert empty.values.numel() == 0 and int(empty.row_ptr[-1]) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_c_abi_matches_torch_on_every_isa(rows, batch):
+    w = sparse_weight(96, 72, rows, 0.2)
+    bias = torch.randn(96)
+    packed = pack_bcsr(w, rows)
+    x = torch.randn(batch, 72)
+    want_linear = (x.double() @ w.double().T + bias.double()).float()
+    want_conv = (w.double() @ x.T.double() + bias.double()[:, None]).float()  # x as [in, pixels]
+    tried = []
+    try:
+        for isa in ("scalar", "avx2", "avx512", "neon"):
+            if not capi.force_isa(isa):
+                continue
+            tried.append(isa)
+            torch.testing.assert_close(capi.linear(packed, bias, x), want_linear, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(capi.conv1x1_nchw(packed, bias, x.T), want_conv, rtol=1e-5, atol=1e-5)
+    finally:
+        capi.force_isa(None)
+    assert "scalar" in tried and len(tried) >= 2, tried  # at least one SIMD variant on any x86-64 we run on
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(32, 64, 1)
+        self.fc = nn.Linear(64 * 4 * 4, 40)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.pw(x)).flatten(1))
+
+
+def test_pte_with_sparse_ops_matches_torch(tmp_path):
+    from edgesparse.converters.executorch import load_method, lower, run_pte
+    from edgesparse.runtime_kernels.modules import SparseConv1x1, SparseLinear
+
+    torch.manual_seed(0)
+    model = TwoLayer().eval()
+    with torch.no_grad():
+        model.pw.weight.copy_(sparse_weight(64, 32, 4, 0.1).reshape(64, 32, 1, 1))
+        model.fc.weight.copy_(sparse_weight(40, 1024, 8, 0.1))
+    swapped = TwoLayer().eval()
+    swapped.pw = SparseConv1x1(model.pw.weight.reshape(64, 32), model.pw.bias, 4)
+    swapped.fc = SparseLinear(model.fc.weight, model.fc.bias, 8)
+    x = torch.randn(1, 32, 4, 4)
+    program = lower(swapped, (x,))
+    ops = {n.target.__name__ for n in program.exported_program().graph.nodes if n.op == "call_function" and "edgesparse" in str(n.target)}
+    assert ops == {"bcsr_conv1x1.out", "bcsr_linear.out"}, ops
+    path = tmp_path / "m.pte"
+    path.write_bytes(program.buffer)
+    method = load_method(path)
+    for _ in range(3):
+        x = torch.randn(1, 32, 4, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(run_pte(method, (x,)), model(x), rtol=1e-5, atol=1e-5)
+    assert runtime_kernels.load_executorch_ops()  # a second load is a no-op, not an abort
+
+
+def mlp_bundle():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    data = torch.randn(16, 1, 64)
+    return ModelBundle("mlp", model, (data[0],), calib=lambda: ((x,) for x in data[:8]), sample_inputs=[(x,) for x in data[8:]])
+
+
+def test_export_swaps_eligible_layers_and_records_them(tmp_path):
+    recipe = Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:4x1", overrides=(LayerRule("4", sparsity=0.3),)))
+    record = export_model(mlp_bundle(), recipe, tmp_path / "sparse")
+    kernels = {layer["name"]: layer["kernel"] for layer in record["layers"]}
+    assert kernels["2"] == "edgesparse::bcsr_linear (4x1, f32)"
+    assert kernels["4"] == "dense-xnnpack"  # 30% < MIN_SPARSITY: dense is faster there
+    assert kernels["0"] == kernels["6"] == "dense-xnnpack"  # first/last stay dense
+    assert record["runtime_ops"]["kernels"] == ["edgesparse::bcsr_linear (4x1, f32)"]
+    artifact = record["artifacts"][0]
+    assert artifact["verified"] and artifact["max_abs_error"] < 1e-4
+    dense = export_model(mlp_bundle(), Recipe(), tmp_path / "dense")["artifacts"][0]["bytes"]
+    assert artifact["bytes"] < dense - 0.8 * 256 * 256 * 4 * 0.9  # the pruned layer's zeros are not stored
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:4x1"), quant=QuantConfig(mode="int8")),  # fp32 kernels only
+    Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:1x4")),  # no 1x4 kernel yet
+])
+def test_layers_without_a_kernel_stay_dense(tmp_path, recipe):
+    record = export_model(mlp_bundle(), recipe, tmp_path)
+    assert all(layer["kernel"] == "dense-xnnpack" for layer in record["layers"])
+    assert "runtime_ops" not in record and record["artifacts"][0]["verified"]
+
+
+def test_loading_the_op_library_twice_in_one_process_is_safe():
+    code = ("from edgesparse import runtime_kernels as rk; import ctypes;"
+            "assert rk.load_executorch_ops() and rk.load_executorch_ops(); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-1000:]
