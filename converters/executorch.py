@@ -3,17 +3,13 @@ by running the .pte in the ExecuTorch runtime against eager torch on the same in
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgesparse import _progress
-from edgesparse._io import atomic_path, sha256_file
+from edgesparse._io import atomic_path, native_stderr, sha256_file
 from edgesparse.converters import verify
 from edgesparse.errors import EdgesparseError
 from edgesparse.quantize import capture
@@ -29,22 +25,6 @@ def lower(model: nn.Module, example_inputs: tuple):
     return edge.to_executorch()
 
 
-@contextlib.contextmanager
-def _native_stderr(lines: list[str]):
-    """Collect what native code writes to fd 2 (the runtime logs cpuinfo probing on every load)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            lines.extend(sink.read().decode(errors="replace").splitlines())
-
-
 def load_method(path: str | Path):
     """Load a .pte's forward method in the ExecuTorch Python runtime."""
     from executorch.runtime import Runtime
@@ -54,7 +34,7 @@ def load_method(path: str | Path):
     load_executorch_ops()  # programs with edgesparse:: ops need their kernels registered first
     log: list[str] = []
     try:
-        with _native_stderr(log):
+        with native_stderr(log):
             return Runtime.get().load_program(str(path)).load_method("forward")
     except Exception as exc:
         detail = next((line for line in reversed(log) if line.strip() and "cpuinfo" not in line), "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from edgesparse.prune import LayerPlan
@@ -44,8 +45,33 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         return model
 
 
-def swap_sparse_layers(model: nn.Module, plans: list[LayerPlan]) -> int:
+def record_activation_rows(model: nn.Module, plans: list[LayerPlan], example_inputs: tuple) -> None:
+    """One forward pass to note how many rows each layer sees per call (linear: input rows; conv:
+    pixels per image): the kernels' speed, and so the sparse/dense choice, depends on it."""
+    by_name = {plan.name: plan for plan in plans}
+    hooks = []
+    for name, module in model.named_modules():
+        plan = by_name.get(name)
+        if plan is None:
+            continue
+
+        def hook(mod, args, plan=plan):
+            x = args[0]
+            plan.activation_rows = int(x.shape[-1] * x.shape[-2]) if x.dim() == 4 else int(x.numel() // x.shape[-1])
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+def swap_sparse_layers(model: nn.Module, plans: list[LayerPlan], example_inputs: tuple | None = None) -> int:
     """Replace eligible layers in place; returns how many were swapped."""
+    if example_inputs is not None and _KERNELS:
+        record_activation_rows(model, plans, example_inputs)
     swapped = 0
     for plan in plans:
         if not plan.pattern or plan.pattern == "channel":

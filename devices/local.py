@@ -16,6 +16,7 @@ from edgesparse._io import sha256_file
 from edgesparse.errors import EdgesparseError
 
 RUNNERS = {".pte": "edgesparse.devices.pte_bench"}
+RUNTIMES = ("python", "cpp")
 
 
 def describe() -> dict:
@@ -36,8 +37,19 @@ def summarize(times_ms: list[float]) -> dict:
     }
 
 
+def _command(path: Path, runtime: str, runs: int, warmup: int, threads: int, min_seconds: float) -> list[str]:
+    if runtime == "cpp":  # the torch-free C++ runner (runtime_kernels/runner), its own thread pool
+        from edgesparse.runtime_kernels import RUNNER
+
+        if not RUNNER.is_file():
+            raise EdgesparseError("the C++ runner is not built", hint="run `make kernels`")
+        return [str(RUNNER), str(path), "--runs", str(runs), "--warmup", str(warmup)]
+    return [sys.executable, "-m", RUNNERS[path.suffix], str(path), "--runs", str(runs), "--warmup", str(warmup),
+            "--threads", str(threads), "--min-seconds", str(min_seconds)]
+
+
 def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threads: int = 1,
-                  min_seconds: float = 0.0, timeout: float = 600) -> dict:
+                  min_seconds: float = 0.0, timeout: float = 600, runtime: str = "python") -> dict:
     path = Path(artifact)
     if not path.is_file():
         raise EdgesparseError(f"artifact not found: {path}")
@@ -46,8 +58,9 @@ def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threa
         raise EdgesparseError(f"cannot profile {path.name}: unsupported artifact type (supported: {', '.join(RUNNERS)})")
     if runs < 1 or warmup < 0 or threads < 1:
         raise EdgesparseError("--runs and --threads must be >= 1 and --warmup >= 0")
-    cmd = [sys.executable, "-m", runner, str(path), "--runs", str(runs), "--warmup", str(warmup),
-           "--threads", str(threads), "--min-seconds", str(min_seconds)]
+    if runtime not in RUNTIMES:
+        raise EdgesparseError(f"unknown runtime {runtime!r} (available: {', '.join(RUNTIMES)})")
+    cmd = _command(path, runtime, runs, warmup, threads, min_seconds)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -57,9 +70,11 @@ def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threa
     result = json.loads(lines[-1]) if lines else {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
     if "error" in result or proc.returncode:
         raise EdgesparseError(f"could not run {path.name} in ExecuTorch: {result.get('error', f'exit code {proc.returncode}')}")
+    result.setdefault("threads", "runtime default" if runtime == "cpp" else threads)
     times = result.pop("times_ms")
     result.update(summarize(times))
     result.update(artifact=str(path), bytes=path.stat().st_size, sha256=sha256_file(path), device_info=describe())
-    result["memory_note"] = ("peak_rss_mb is the runner process's VmHWM (Python + ExecuTorch runtime + model, "
-                             "mmapped weights counted once touched); rss_before_load_mb is before the model was loaded")
+    result["memory_note"] = ("peak_rss_mb is the runner process's VmHWM (runtime + model, mmapped weights counted once "
+                             "touched; with the python runtime it includes the interpreter and torch, and "
+                             "rss_before_load_mb is the level before the model was loaded)")
     return result

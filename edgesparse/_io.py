@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -61,6 +62,24 @@ def staging_dir(final_dir: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, final_dir / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def native_stderr(lines: list[str] | None = None) -> Iterator[None]:
+    """Collect what native code writes to fd 2 into `lines` (ExecuTorch's runtime logs its
+    cpuinfo probing and threadpool resets there on every process start)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if lines is not None:
+                sink.seek(0)
+                lines.extend(sink.read().decode(errors="replace").splitlines())
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -79,14 +79,15 @@ def profile(
     runs: int = typer.Option(100, "--runs", help="timed runs (at least)"),
     warmup: int = typer.Option(10, "--warmup", help="untimed runs first"),
     threads: int = typer.Option(1, "--threads", help="runtime threads (1 = comparable, noise-free default)"),
+    runtime: str = typer.Option("python", "--runtime", help="python (ExecuTorch's Python runtime) or cpp (the torch-free C++ runner)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full result as JSON here"),
 ):
     """Time ARTIFACT on a device: load, first run, steady-state percentiles, peak memory."""
     from edgesparse._io import write_json_atomic
     from edgesparse.devices import profile as run_profile
 
-    result = run_profile(artifact, device, runs=runs, warmup=warmup, threads=threads)
-    table = Table(title=f"{artifact.name} on {device} ({threads} thread{'s' if threads > 1 else ''}, {result['count']} runs)")
+    result = run_profile(artifact, device, runs=runs, warmup=warmup, threads=threads, runtime=runtime)
+    table = Table(title=f"{artifact.name} on {device}, {result['runtime']} ({result['threads']} thread(s), {result['count']} runs)")
     for col in ("load ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "peak RSS MB"):
         table.add_column(col, justify="right")
     table.add_row(*(f"{result[k]:.3f}" for k in ("load_ms", "first_run_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
@@ -95,6 +96,53 @@ def profile(
     if json_out:
         write_json_atomic(json_out, result)
         out.print(f"wrote {json_out}")
+
+
+bench_app = typer.Typer(help="Benchmarks: ours vs baselines from the same run (interleaved, medians).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("kernels")
+def bench_kernels_cmd(
+    quick: bool = typer.Option(False, "--quick", help="fewer shapes and sparsities (a few minutes)"),
+    threads: int = typer.Option(1, "--threads"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON here"),
+    crossover_out: Optional[Path] = typer.Option(None, "--crossover", help="write the sparse/dense crossover table here (export reads runtime_kernels/crossover.json)"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the results as markdown tables here"),
+):
+    """Sparse kernels vs dense XNNPACK (fp32, int8) and ONNX Runtime, one layer at a time."""
+    from edgesparse import runtime_kernels
+    from edgesparse._io import write_json_atomic
+    from edgesparse.bench import bench_kernels
+
+    if not runtime_kernels.available():
+        raise EdgesparseError("the sparse kernels are not built", hint="run `make kernels`")
+    rows = bench_kernels(quick=quick, threads=threads)
+    if not rows:
+        raise EdgesparseError("no benchmark cases ran")
+    table = Table(title=f"sparse kernels vs dense baselines: speedup = baseline / ours "
+                        f"({threads} thread{'s' if threads > 1 else ''}, ISA {rows[0]['isa']}, medians)")
+    for col in ("op", "shape", "pattern", "sparsity", "ours ms", "vs XNNPACK fp32", "vs XNNPACK int8", "vs ORT fp32"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for i in range(0, len(rows), 3):
+        r = rows[i : i + 3]
+        table.add_row(r[0]["op"], r[0]["shape"], r[0]["pattern"].replace("unstructured", "unstr."), f"{r[0]['sparsity']:.0%}",
+                      f"{r[0]['ours_ms']:.3f}", *(f"{b['speedup']:.2f}x" for b in r))
+    out.print(table)
+    if json_out:
+        write_json_atomic(json_out, rows)
+        out.print(f"wrote {json_out}")
+    if crossover_out:
+        from edgesparse.bench import crossover
+
+        write_json_atomic(crossover_out, {"isa": rows[0]["isa"], "threads": threads, "table": crossover(rows)})
+        out.print(f"wrote {crossover_out}")
+    if markdown_out:
+        from edgesparse._io import write_bytes_atomic
+        from edgesparse.bench import to_markdown
+
+        write_bytes_atomic(markdown_out, to_markdown(rows).encode())
+        out.print(f"wrote {markdown_out}")
 
 
 @app.command()

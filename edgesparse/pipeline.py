@@ -65,7 +65,7 @@ def export_model(
     export_model_ = result.model
     if runtime_kernels.register_with_exporter() and recipe.quant.mode == "none" and has_kernels("float32"):
         export_model_ = fold_batchnorm(result.model)
-    swapped = swap_sparse_layers(export_model_, result.layers)
+    swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs)
     layers = [plan.to_dict() for plan in result.layers]
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
     record["example_input_shapes"] = [list(t.shape) for t in bundle.example_inputs]

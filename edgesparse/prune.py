@@ -33,6 +33,7 @@ class LayerPlan:
     kernel: str = "dense-xnnpack"
     reason: str = ""
     shape_after: list[int] | None = None  # channel pruning only: the smaller dense shape
+    activation_rows: int | None = None  # rows the layer sees per call (batch, or pixels for 1x1 conv)
 
     def to_dict(self) -> dict:
         return asdict(self)

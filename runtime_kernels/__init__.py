@@ -19,6 +19,7 @@ SOURCE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = SOURCE_DIR / "build"
 ET_LIBRARY = BUILD_DIR / "libedgesparse_et.so"
 C_LIBRARY = BUILD_DIR / "libedgesparse_kernels.so"
+RUNNER = BUILD_DIR / "edgesparse_runner"  # the torch-free C++ .pte runner
 _loaded = False
 
 

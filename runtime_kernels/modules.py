@@ -2,7 +2,8 @@
 
 A layer is swapped when its pattern has a kernel (block Rx1 with R in {1, 2, 4, 8}, or
 unstructured as R = 1), it is fp32, it is a Linear or a 1x1 stride-1 unpadded Conv2d, and its
-sparsity reaches MIN_SPARSITY; otherwise it stays dense in XNNPACK.
+sparsity reaches the measured crossover for its shape (crossover.py); otherwise it stays dense in
+XNNPACK, and its plan says why.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ import torch
 from torch import nn
 
 from edgesparse.recipe import Pattern
-from edgesparse.runtime_kernels import ops  # noqa: F401  (defines torch.ops.edgesparse.*)
+from edgesparse.runtime_kernels import crossover, ops  # noqa: F401  (ops defines torch.ops.edgesparse.*)
 from edgesparse.runtime_kernels.formats import pack_bcsr
 
 BLOCK_ROWS = (1, 2, 4, 8)
-# Provisional threshold until the per-shape crossover table from `edgesparse bench` drives the
-# choice: below this, dense XNNPACK is expected to win.
-MIN_SPARSITY = 0.5
 
 
 class _BCSRModule(nn.Module):
@@ -56,16 +54,27 @@ def block_rows_for(pattern: Pattern) -> int | None:
     return None
 
 
-def swap_factory(module: nn.Module, plan) -> nn.Module | None:
-    rows = block_rows_for(Pattern.parse(plan.pattern))
-    if rows is None or plan.sparsity < MIN_SPARSITY:
-        return None
+def _op_of(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
-        return SparseLinear(module.weight, module.bias, rows)
+        return "linear"
     if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
             and module.padding == (0, 0) and module.dilation == (1, 1) and module.groups == 1):
-        return SparseConv1x1(module.weight.reshape(module.out_channels, -1), module.bias, rows)
+        return "conv1x1"
     return None
+
+
+def swap_factory(module: nn.Module, plan) -> nn.Module | None:
+    rows, op = block_rows_for(Pattern.parse(plan.pattern)), _op_of(module)
+    if rows is None or op is None:
+        return None
+    weight = module.weight.reshape(module.weight.shape[0], -1)
+    threshold, source = crossover.min_sparsity(op, plan.pattern, plan.activation_rows, weight.shape[1], weight.shape[0])
+    if threshold is None or plan.sparsity < threshold:
+        plan.reason = (f"dense XNNPACK was faster at every measured sparsity ({source})" if threshold is None
+                       else f"below the {threshold:.0%} sparsity where the sparse kernel wins ({source})")
+        return None
+    plan.reason = f"sparse from {threshold:.0%} ({source})"
+    return (SparseLinear if op == "linear" else SparseConv1x1)(weight, module.bias, rows)
 
 
 def register() -> None:

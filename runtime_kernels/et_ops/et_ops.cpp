@@ -4,6 +4,9 @@
 // edgesparse/runtime_kernels/ops.py; the argument order here must match them.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#include <algorithm>
 
 #include "edgesparse/kernels.h"
 
@@ -26,6 +29,18 @@ bool check_weights(KernelRuntimeContext& ctx, const Tensor& values, const Tensor
     ctx.fail(Error::InvalidArgument);
   }
   return ok;
+}
+
+// Split the row blocks across ExecuTorch's thread pool (the one XNNPACK uses, sized by
+// _unsafe_reset_threadpool / the app): chunks of at least ~16k multiply-adds, one chunk when small.
+template <typename Kernel>
+void for_row_blocks(const es_bcsr_f32& w, size_t rows_per_block_call, Kernel kernel) {
+  const int64_t blocks = static_cast<int64_t>(es_bcsr_row_blocks(&w));
+  const int64_t work = static_cast<int64_t>(w.row_ptr[blocks]) * static_cast<int64_t>(w.block_rows * rows_per_block_call);
+  const int64_t grain = work <= 0 ? blocks : std::max<int64_t>(1, blocks * 16384 / work);
+  executorch::extension::parallel_for(0, blocks, std::max<int64_t>(grain, 1), [&](int64_t b0, int64_t b1) {
+    kernel(static_cast<size_t>(b0), static_cast<size_t>(b1));
+  });
 }
 
 es_bcsr_f32 describe(const Tensor& values, const Tensor& col_idx, const Tensor& row_ptr,
@@ -54,8 +69,10 @@ Tensor& bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
     return out;
   }
   const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, in_features, out_features);
-  es_f32_bcsr_linear(&w, static_cast<size_t>(x.numel() / in_features), x.const_data_ptr<float>(),
-                     out.mutable_data_ptr<float>());
+  const size_t rows = static_cast<size_t>(x.numel() / in_features);
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  for_row_blocks(w, rows, [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, yp, b0, b1); });
   return out;
 }
 
@@ -77,9 +94,11 @@ Tensor& bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
   }
   const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, in_features, out_features);
   const size_t pixels = static_cast<size_t>(x.size(2) * x.size(3));
-  for (ssize_t n = 0; n < x.size(0); n++)
-    es_f32_bcsr_conv1x1_nchw(&w, pixels, x.const_data_ptr<float>() + n * in_features * pixels,
-                             out.mutable_data_ptr<float>() + n * out_features * pixels);
+  for (ssize_t n = 0; n < x.size(0); n++) {
+    const float* xp = x.const_data_ptr<float>() + n * in_features * pixels;
+    float* yp = out.mutable_data_ptr<float>() + n * out_features * pixels;
+    for_row_blocks(w, pixels, [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xp, yp, b0, b1); });
+  }
   return out;
 }
 

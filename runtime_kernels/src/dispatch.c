@@ -8,12 +8,12 @@
 #include <sys/auxv.h>
 #endif
 
-typedef void (*es_linear_fn)(const es_bcsr_f32*, size_t, const float*, float*);
-typedef void (*es_conv_fn)(const es_bcsr_f32*, size_t, const float*, float*);
+/* every kernel computes the row blocks [b0, b1): callers split that range across threads */
+typedef void (*es_kernel_fn)(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t);
 
-#define ES_DECLARE(isa)                                                                   \
-  void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*);     \
-  void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*);
+#define ES_DECLARE(isa)                                                                                \
+  void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
+  void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t);
 
 ES_DECLARE(scalar)
 #if defined(__x86_64__)
@@ -37,8 +37,8 @@ static int es_supported(const char* isa) {
 
 static const struct {
   const char* isa;
-  es_linear_fn linear;
-  es_conv_fn conv1x1;
+  es_kernel_fn linear;
+  es_kernel_fn conv1x1;
 } es_table[] = {  /* best first */
 #if defined(__x86_64__)
     {"avx512", es_f32_bcsr_linear__avx512, es_f32_bcsr_conv1x1_nchw__avx512},
@@ -68,10 +68,21 @@ int es_force_isa(const char* name) {
 
 const char* es_f32_bcsr_isa(void) { return es_table[es_select()].isa; }
 
+size_t es_bcsr_row_blocks(const es_bcsr_f32* w) { return (w->out + w->block_rows - 1) / w->block_rows; }
+
+void es_f32_bcsr_linear_blocks(const es_bcsr_f32* w, size_t n, const float* x, float* y, size_t b0, size_t b1) {
+  es_table[es_select()].linear(w, n, x, y, b0, b1);
+}
+
+void es_f32_bcsr_conv1x1_nchw_blocks(const es_bcsr_f32* w, size_t pixels, const float* x, float* y, size_t b0,
+                                     size_t b1) {
+  es_table[es_select()].conv1x1(w, pixels, x, y, b0, b1);
+}
+
 void es_f32_bcsr_linear(const es_bcsr_f32* w, size_t n, const float* x, float* y) {
-  es_table[es_select()].linear(w, n, x, y);
+  es_f32_bcsr_linear_blocks(w, n, x, y, 0, es_bcsr_row_blocks(w));
 }
 
 void es_f32_bcsr_conv1x1_nchw(const es_bcsr_f32* w, size_t pixels, const float* x, float* y) {
-  es_table[es_select()].conv1x1(w, pixels, x, y);
+  es_f32_bcsr_conv1x1_nchw_blocks(w, pixels, x, y, 0, es_bcsr_row_blocks(w));
 }

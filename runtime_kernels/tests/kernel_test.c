@@ -105,6 +105,17 @@ int main(void) {
             es_f32_bcsr_conv1x1_nchw(&w, n, x, y);
             ok = close_enough(y, want_conv, out * n, what) && ybuf[0] == 12345.0f && ybuf[n * out + 1] == 12345.0f;
             ok ? passed++ : failed++;
+            /* split row blocks, as a thread pool would: same result */
+            size_t blocks = es_bcsr_row_blocks(&w), cut1 = blocks / 3, cut2 = (2 * blocks) / 3;
+            es_f32_bcsr_linear_blocks(&w, n, x, y, cut2, blocks);
+            es_f32_bcsr_linear_blocks(&w, n, x, y, 0, cut1);
+            es_f32_bcsr_linear_blocks(&w, n, x, y, cut1, cut2);
+            snprintf(what, sizeof what, "%s linear split out=%zu in=%zu R=%zu", ISAS[isa], out, in, R);
+            close_enough(y, want_lin, n * out, what) ? passed++ : failed++;
+            es_f32_bcsr_conv1x1_nchw_blocks(&w, n, x, y, cut1, blocks);
+            es_f32_bcsr_conv1x1_nchw_blocks(&w, n, x, y, 0, cut1);
+            snprintf(what, sizeof what, "%s conv1x1 split out=%zu in=%zu R=%zu", ISAS[isa], out, in, R);
+            close_enough(y, want_conv, out * n, what) ? passed++ : failed++;
             /* without bias */
             w.bias = NULL;
             es_f32_bcsr_linear(&w, n, x, y);

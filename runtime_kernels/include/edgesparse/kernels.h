@@ -34,6 +34,13 @@ void es_f32_bcsr_linear(const es_bcsr_f32* w, size_t n, const float* x, float* y
  * x [in, pixels], y [out, pixels]. Vectorized over pixels. */
 void es_f32_bcsr_conv1x1_nchw(const es_bcsr_f32* w, size_t pixels, const float* x, float* y);
 
+/* The same, for row blocks [b0, b1) only (b1 <= es_bcsr_row_blocks(w)): disjoint ranges write
+ * disjoint outputs, so callers can split the range across threads. */
+size_t es_bcsr_row_blocks(const es_bcsr_f32* w);
+void es_f32_bcsr_linear_blocks(const es_bcsr_f32* w, size_t n, const float* x, float* y, size_t b0, size_t b1);
+void es_f32_bcsr_conv1x1_nchw_blocks(const es_bcsr_f32* w, size_t pixels, const float* x, float* y, size_t b0,
+                                     size_t b1);
+
 /* Which implementation dispatch picked on this CPU: "scalar", "avx2", "avx512" or "neon". */
 const char* es_f32_bcsr_isa(void);
 

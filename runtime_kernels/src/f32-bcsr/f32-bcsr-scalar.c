@@ -1,22 +1,23 @@
 /* f32 BCSR Rx1 reference kernels: plain loops, the twin every SIMD variant is tested against. */
 #include "edgesparse/kernels.h"
 
-void es_f32_bcsr_linear__scalar(const es_bcsr_f32* w, size_t n, const float* x, float* y) {
+void es_f32_bcsr_linear__scalar(const es_bcsr_f32* w, size_t n, const float* x, float* y, size_t b0, size_t b1) {
   const size_t R = w->block_rows;
   for (size_t row = 0; row < n; row++) {
-    for (size_t o = 0; o < w->out; o++) y[row * w->out + o] = w->bias ? w->bias[o] : 0.0f;
-    for (size_t b = 0; b * R < w->out; b++)
+    for (size_t o = b0 * R; o < b1 * R && o < w->out; o++) y[row * w->out + o] = w->bias ? w->bias[o] : 0.0f;
+    for (size_t b = b0; b < b1; b++)
       for (int32_t k = w->row_ptr[b]; k < w->row_ptr[b + 1]; k++)
         for (size_t r = 0; r < R && b * R + r < w->out; r++)
           y[row * w->out + b * R + r] += w->values[(size_t)k * R + r] * x[row * w->in + w->col_idx[k]];
   }
 }
 
-void es_f32_bcsr_conv1x1_nchw__scalar(const es_bcsr_f32* w, size_t pixels, const float* x, float* y) {
+void es_f32_bcsr_conv1x1_nchw__scalar(const es_bcsr_f32* w, size_t pixels, const float* x, float* y, size_t b0,
+                                      size_t b1) {
   const size_t R = w->block_rows;
-  for (size_t o = 0; o < w->out; o++)
+  for (size_t o = b0 * R; o < b1 * R && o < w->out; o++)
     for (size_t p = 0; p < pixels; p++) y[o * pixels + p] = w->bias ? w->bias[o] : 0.0f;
-  for (size_t b = 0; b * R < w->out; b++)
+  for (size_t b = b0; b < b1; b++)
     for (int32_t k = w->row_ptr[b]; k < w->row_ptr[b + 1]; k++)
       for (size_t r = 0; r < R && b * R + r < w->out; r++)
         for (size_t p = 0; p < pixels; p++)

@@ -1,0 +1,212 @@
+"""`edgesparse bench kernels`: our sparse ops against dense baselines, measured in one run.
+
+Every variant of a case is a one-layer program run through the same call of its runtime (the
+ExecuTorch Python runtime for dense XNNPACK fp32, dense XNNPACK int8 and our sparse .pte; ONNX
+Runtime for its MatMul/Conv), so call overhead is the same on both sides. Rounds interleave the
+variants (A, B, C, A, B, C, ...) so they see the same machine load, and each reported time is
+the median over rounds of per-round medians. One thread unless --threads says otherwise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgesparse import _progress
+from edgesparse._io import native_stderr
+from edgesparse.patterns import make_mask
+from edgesparse.recipe import Pattern
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "linear" or "conv1x1"
+    inp: int
+    out: int
+    rows: int  # batch for linear, pixels side (HxW = rows x rows) for conv1x1
+    pattern: str
+    sparsity: float
+
+    @property
+    def shape(self) -> str:
+        if self.op == "linear":
+            return f"{self.inp}->{self.out} batch {self.rows}"
+        return f"{self.inp}->{self.out} @{self.rows}x{self.rows}"
+
+    def example(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1)
+        if self.op == "linear":
+            return torch.randn(self.rows, self.inp, generator=gen)
+        return torch.randn(1, self.inp, self.rows, self.rows, generator=gen)
+
+
+def cases(quick: bool) -> list[Case]:
+    layers = [("linear", 1024, 4096, 1), ("linear", 1024, 4096, 16), ("linear", 4096, 1024, 1),
+              ("conv1x1", 256, 512, 14), ("conv1x1", 512, 1024, 7)]
+    if not quick:
+        # larger than this CPU's L3 in fp32 (235 MB): the DRAM-bound case phones live in
+        layers.append(("linear", 4096, 14336, 1))
+    sparsities = (0.7, 0.9) if quick else (0.5, 0.7, 0.8, 0.9, 0.95)
+    patterns = ("block:4x1", "unstructured") if quick else ("block:4x1", "block:8x1", "unstructured")
+    return [Case(op, i, o, r, p, s) for op, i, o, r in layers for p in patterns for s in sparsities
+            if not (quick and p == "unstructured" and s != 0.9)]
+
+
+def _layer(case: Case) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.Linear(case.inp, case.out) if case.op == "linear" else nn.Conv2d(case.inp, case.out, 1)
+    with torch.no_grad():
+        layer.weight.mul_(make_mask(layer.weight, Pattern.parse(case.pattern), case.sparsity))
+    return layer.eval()
+
+
+def _sparse(layer: nn.Module, case: Case) -> nn.Module:
+    from edgesparse.runtime_kernels.modules import SparseConv1x1, SparseLinear, block_rows_for
+
+    rows = block_rows_for(Pattern.parse(case.pattern))
+    if case.op == "linear":
+        return SparseLinear(layer.weight, layer.bias, rows)
+    return SparseConv1x1(layer.weight.reshape(case.out, case.inp), layer.bias, rows)
+
+
+def _pte_runner(module: nn.Module, x: torch.Tensor, folder: Path, name: str, quant: str = "none"):
+    from edgesparse.converters.executorch import load_method, lower
+    from edgesparse.quantize import quantize
+    from edgesparse.recipe import QuantConfig
+
+    if quant != "none":
+        module, _ = quantize(module, QuantConfig(mode=quant), (x,), calib=[(x,)])
+    path = folder / f"{name}.pte"
+    path.write_bytes(lower(module, (x,)).buffer)
+    method = load_method(path)
+    inputs = [x]
+    return lambda: method.execute(inputs), path.stat().st_size
+
+
+def _ort_runner(layer: nn.Module, case: Case, x: torch.Tensor, threads: int):
+    """A one-node ONNX graph (MatMul+Add or Conv) holding the dense weights."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = layer.weight.detach().numpy()
+    b = layer.bias.detach().numpy()
+    if case.op == "linear":
+        inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "w"), numpy_helper.from_array(b, "b")]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])]
+        out_shape = [case.rows, case.out]
+    else:
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"])]
+        out_shape = [1, case.out, case.rows, case.rows]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def _median_ms(fn, runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bench_kernels(quick: bool = False, threads: int = 1, rounds: int | None = None, runs: int | None = None) -> list[dict]:
+    from executorch.extension.pybindings import portable_lib
+
+    from edgesparse.runtime_kernels import load_executorch_ops
+    from edgesparse.runtime_kernels.capi import isa
+
+    load_executorch_ops()
+    torch.set_num_threads(threads)
+    with native_stderr():
+        portable_lib._unsafe_reset_threadpool(threads)
+    rounds = rounds or (3 if quick else 5)
+    runs = runs or (30 if quick else 100)
+    rows = []
+    all_cases = cases(quick)
+    with tempfile.TemporaryDirectory() as tmp, _progress.bar("benchmarking kernels", len(all_cases)) as advance:
+        folder = Path(tmp)
+        for index, case in enumerate(all_cases):
+            layer, x = _layer(case), case.example()
+            variants = {
+                "ours": _pte_runner(_sparse(layer, case), x, folder, f"sparse{index}")[0],
+                "xnnpack-fp32": _pte_runner(layer, x, folder, f"dense{index}")[0],
+                "xnnpack-int8": _pte_runner(layer, x, folder, f"int8_{index}", "int8-dynamic" if case.op == "linear" else "int8")[0],
+                "onnxruntime-fp32": _ort_runner(layer, case, x, threads),
+            }
+            per_round = {name: [] for name in variants}
+            for _ in range(rounds):
+                for name, fn in variants.items():
+                    per_round[name].append(_median_ms(fn, runs, warmup=max(3, runs // 10)))
+            ours = statistics.median(per_round["ours"])
+            for baseline in ("xnnpack-fp32", "xnnpack-int8", "onnxruntime-fp32"):
+                base = statistics.median(per_round[baseline])
+                rows.append({"op": case.op, "pattern": case.pattern, "dtype": "float32", "sparsity": case.sparsity,
+                             "shape": case.shape, "in": case.inp, "out": case.out,
+                             "rows": case.rows if case.op == "linear" else case.rows * case.rows, "threads": threads, "ours_ms": ours, "baseline": baseline,
+                             "baseline_ms": base, "speedup": base / ours, "isa": isa(), "rounds": rounds, "runs": runs})
+            advance(info=case.shape)
+    return rows
+
+
+# A sparse op must beat dense XNNPACK fp32 by this much to be chosen (timing noise margin).
+CROSSOVER_MARGIN = 1.1
+
+
+def crossover(rows: list[dict]) -> list[dict]:
+    """Per (op, pattern, shape): the lowest measured sparsity from which ours beats dense XNNPACK
+    fp32 by CROSSOVER_MARGIN at that sparsity and every higher one (None: never)."""
+    table: dict[tuple, list] = {}
+    for row in rows:
+        if row["baseline"] == "xnnpack-fp32":
+            table.setdefault((row["op"], row["pattern"], row["shape"], row["in"], row["out"], row["rows"]), []).append(row)
+    out = []
+    for (op, pattern, shape, inp, outp, act_rows), measured in sorted(table.items()):
+        measured.sort(key=lambda r: r["sparsity"])
+        min_sparsity = None
+        for i, row in enumerate(measured):
+            if all(r["speedup"] >= CROSSOVER_MARGIN for r in measured[i:]):
+                min_sparsity = row["sparsity"]
+                break
+        out.append({"op": op, "pattern": pattern, "shape": shape, "in": inp, "out": outp, "rows": act_rows,
+                    "min_sparsity": min_sparsity, "speedups": {f"{r['sparsity']:.2f}": round(r["speedup"], 3) for r in measured}})
+    return out
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """Two tables: speedup vs XNNPACK fp32 across sparsities, and every baseline at 90%."""
+    sparsities = sorted({r["sparsity"] for r in rows})
+    keys = list(dict.fromkeys((r["op"], r["shape"], r["pattern"]) for r in rows))
+    fp32 = {(r["op"], r["shape"], r["pattern"], r["sparsity"]): r for r in rows if r["baseline"] == "xnnpack-fp32"}
+    lines = ["| op | shape | pattern | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+             "|---|---|---|" + "---|" * len(sparsities)]
+    for op, shape, pattern in keys:
+        cells = [f"{fp32[(op, shape, pattern, s)]['speedup']:.2f}x" if (op, shape, pattern, s) in fp32 else "" for s in sparsities]
+        lines.append(f"| {op} | {shape} | {pattern} | " + " | ".join(cells) + " |")
+    at90 = [r for r in rows if abs(r["sparsity"] - 0.9) < 1e-9]
+    if at90:
+        lines += ["", "| op | shape | pattern | ours ms | XNNPACK fp32 ms | XNNPACK int8 ms | ORT fp32 ms |", "|---|---|---|---|---|---|---|"]
+        for op, shape, pattern in keys:
+            group = {r["baseline"]: r for r in at90 if (r["op"], r["shape"], r["pattern"]) == (op, shape, pattern)}
+            if group:
+                cells = [f"{group[b]['baseline_ms']:.3f} ({group[b]['speedup']:.2f}x)" for b in ("xnnpack-fp32", "xnnpack-int8", "onnxruntime-fp32")]
+                lines.append(f"| {op} | {shape} | {pattern} | {group['xnnpack-fp32']['ours_ms']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,130 @@
+// edgesparse_runner: run a .pte with ExecuTorch's C++ runtime (no Python, no libtorch) and print
+// one JSON line: load time, first run, per-run times, peak RSS (VmHWM). The edgesparse:: kernels
+// are linked in, so sparse exports run as they would on a device.
+//
+//   edgesparse_runner model.pte [--runs N] [--warmup W] [--input x.f32] [--output y.f32]
+//
+// --input: raw little-endian float32 for input 0 (else every input is filled with a fixed
+// pattern); --output: write output 0 as raw float32. Exit code 2 on any error, with the reason
+// in the JSON's "error" field.
+#include <executorch/extension/data_loader/file_data_loader.h>
+#include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/core/hierarchical_allocator.h>
+#include <executorch/runtime/core/memory_allocator.h>
+#include <executorch/runtime/executor/memory_manager.h>
+#include <executorch/runtime/executor/method.h>
+#include <executorch/runtime/executor/program.h>
+#include <executorch/runtime/platform/runtime.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+using executorch::extension::FileDataLoader;
+using namespace executorch::runtime;
+
+namespace {
+
+int fail(const std::string& what) {
+  std::printf("{\"error\": \"%s\"}\n", what.c_str());
+  return 2;
+}
+
+double peak_rss_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::atof(line.c_str() + 6) / 1024.0;
+  return -1.0;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return fail("usage: edgesparse_runner model.pte [--runs N] [--warmup W] [--input F] [--output F]");
+  int runs = 100, warmup = 10;
+  const char* input_path = nullptr;
+  const char* output_path = nullptr;
+  for (int i = 2; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--warmup")) warmup = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--input")) input_path = argv[i + 1];
+    else if (!std::strcmp(argv[i], "--output")) output_path = argv[i + 1];
+    else return fail(std::string("unknown option ") + argv[i]);
+  }
+  runtime_init();
+  const auto t_load = std::chrono::steady_clock::now();
+  auto loader = FileDataLoader::from(argv[1]);
+  if (!loader.ok()) return fail("cannot open the .pte file");
+  auto program = Program::load(&loader.get());
+  if (!program.ok()) return fail("not a valid ExecuTorch program");
+  auto meta = program->method_meta("forward");
+  if (!meta.ok()) return fail("the program has no forward method");
+  std::vector<std::unique_ptr<uint8_t[]>> planned_buffers;
+  std::vector<Span<uint8_t>> planned_spans;
+  for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
+    const size_t size = meta->memory_planned_buffer_size(i).get();
+    planned_buffers.emplace_back(new uint8_t[size]);
+    planned_spans.emplace_back(planned_buffers.back().get(), size);
+  }
+  HierarchicalAllocator planned({planned_spans.data(), planned_spans.size()});
+  std::vector<uint8_t> method_pool(32 << 20);
+  MemoryAllocator method_allocator(method_pool.size(), method_pool.data());
+  MemoryManager memory(&method_allocator, &planned);
+  auto method = program->load_method("forward", &memory);
+  if (!method.ok()) return fail("load_method failed (missing operator or backend?)");
+  const double load_ms = ms_since(t_load);
+
+  std::vector<std::vector<float>> data(meta->num_inputs());
+  std::vector<executorch::extension::TensorPtr> inputs;
+  for (size_t i = 0; i < meta->num_inputs(); ++i) {
+    auto info = meta->input_tensor_meta(i);
+    if (!info.ok() || info->scalar_type() != executorch::aten::ScalarType::Float) return fail("only float inputs are supported");
+    std::vector<executorch::aten::SizesType> sizes(info->sizes().begin(), info->sizes().end());
+    size_t count = 1;
+    for (auto s : sizes) count *= static_cast<size_t>(s);
+    data[i].resize(count);
+    for (size_t k = 0; k < count; ++k) data[i][k] = static_cast<float>((k * 7919) % 101) / 101.0f - 0.5f;
+    if (i == 0 && input_path) {
+      std::ifstream in(input_path, std::ios::binary);
+      in.read(reinterpret_cast<char*>(data[i].data()), static_cast<std::streamsize>(count * sizeof(float)));
+      if (in.gcount() != static_cast<std::streamsize>(count * sizeof(float))) return fail("--input holds too few floats for input 0");
+    }
+    inputs.push_back(executorch::extension::make_tensor_ptr(sizes, data[i].data()));
+  }
+  auto run_once = [&]() -> bool {
+    // planned memory may overlap the inputs: set them before every execute
+    for (size_t i = 0; i < inputs.size(); ++i)
+      if (method->set_input(EValue(*inputs[i]), i) != Error::Ok) return false;
+    return method->execute() == Error::Ok;
+  };
+  auto t0 = std::chrono::steady_clock::now();
+  if (!run_once()) return fail("execute failed");
+  const double first_ms = ms_since(t0);
+  for (int r = 0; r < warmup; ++r) run_once();
+  std::vector<double> times(runs > 0 ? runs : 0);
+  for (int r = 0; r < runs; ++r) {
+    t0 = std::chrono::steady_clock::now();
+    if (!run_once()) return fail("execute failed");
+    times[r] = ms_since(t0);
+  }
+  auto out = method->get_output(0).toTensor();
+  if (output_path) {
+    std::ofstream f(output_path, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(out.const_data_ptr<float>()), static_cast<std::streamsize>(out.nbytes()));
+  }
+  std::printf("{\"runtime\": \"executorch-cpp\", \"load_ms\": %.6f, \"first_run_ms\": %.6f, \"peak_rss_mb\": %.3f, \"times_ms\": [",
+              load_ms, first_ms, peak_rss_mb());
+  for (size_t r = 0; r < times.size(); ++r) std::printf("%s%.6f", r ? ", " : "", times[r]);
+  std::printf("]}\n");
+  return 0;
+}
