@@ -38,11 +38,11 @@ $(KERNELS): $(STAMP) $(KERNEL_SOURCES)
 
 # aarch64 cross compiler + qemu-user: the ARM kernels are tested under emulation (correctness only).
 arm-toolchain:
-	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then exit 0; fi; \
+	@if command -v aarch64-linux-gnu-gcc >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user) >/dev/null \
-		|| echo "note: could not install gcc-aarch64-linux-gnu and qemu-user; the aarch64 kernel tests will be skipped"; \
-	else echo "note: install gcc-aarch64-linux-gnu and qemu-user to run the aarch64 kernel tests"; fi
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user) >/dev/null \
+		|| echo "note: could not install gcc/g++-aarch64-linux-gnu and qemu-user; the aarch64 kernel tests will be skipped"; \
+	else echo "note: install gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and qemu-user to run the aarch64 kernel tests"; fi
 
 demo: $(KERNELS)
 	$(VENV)/bin/edgesparse demo

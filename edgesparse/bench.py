@@ -27,7 +27,7 @@ from edgesparse.recipe import Pattern
 
 @dataclass(frozen=True)
 class Case:
-    op: str  # "linear" or "conv1x1"
+    op: str  # "linear", "conv1x1", or "mlp" (in -> out -> in with ReLU, activation-sparse)
     inp: int
     out: int
     rows: int  # batch for linear, pixels side (HxW = rows x rows) for conv1x1
@@ -36,13 +36,13 @@ class Case:
 
     @property
     def shape(self) -> str:
-        if self.op == "linear":
-            return f"{self.inp}->{self.out} batch {self.rows}"
+        if self.op in ("linear", "mlp"):
+            return f"{self.inp}->{self.out}{'->' + str(self.inp) if self.op == 'mlp' else ''} batch {self.rows}"
         return f"{self.inp}->{self.out} @{self.rows}x{self.rows}"
 
     def example(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(1)
-        if self.op == "linear":
+        if self.op in ("linear", "mlp"):
             return torch.randn(self.rows, self.inp, generator=gen)
         return torch.randn(1, self.inp, self.rows, self.rows, generator=gen)
 
@@ -55,11 +55,34 @@ def cases(quick: bool) -> list[Case]:
         layers.append(("linear", 4096, 14336, 1))
     sparsities = (0.7, 0.9) if quick else (0.5, 0.7, 0.8, 0.9, 0.95)
     patterns = ("block:4x1", "unstructured") if quick else ("block:4x1", "block:8x1", "unstructured")
-    return [Case(op, i, o, r, p, s) for op, i, o, r in layers for p in patterns for s in sparsities
-            if not (quick and p == "unstructured" and s != 0.9)]
+    weight_sparse = [Case(op, i, o, r, p, s) for op, i, o, r in layers for p in patterns for s in sparsities
+                     if not (quick and p == "unstructured" and s != 0.9)]
+    mlp_sparsities = (0.5, 0.9) if quick else (0.5, 0.7, 0.9)
+    return weight_sparse + [Case("mlp", 1024, 4096, 1, "activation", s) for s in mlp_sparsities]
+
+
+def _mlp(case: Case) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(case.inp, case.out), nn.ReLU(), nn.Linear(case.out, case.inp)).eval()
+
+
+def _activation_sparse(mlp: nn.Module, case: Case, x: torch.Tensor) -> nn.Module:
+    """The same MLP with TEAL-style magnitude thresholds on the inputs of both linears, set on
+    this input so that `case.sparsity` of each layer's input channels are skipped."""
+    from edgesparse.runtime_kernels.modules import ActSparseLinear
+
+    up, down = mlp[0], mlp[2]
+    t_in = torch.quantile(x.abs().flatten(), case.sparsity).item()
+    sparse_up = ActSparseLinear(up, t_in)
+    with torch.no_grad():
+        hidden = torch.relu(sparse_up(x))
+    t_hidden = torch.quantile(hidden.abs().flatten(), case.sparsity).item()
+    return nn.Sequential(sparse_up, nn.ReLU(), ActSparseLinear(down, t_hidden)).eval()
 
 
 def _layer(case: Case) -> nn.Module:
+    if case.op == "mlp":
+        return _mlp(case)
     torch.manual_seed(0)
     layer = nn.Linear(case.inp, case.out) if case.op == "linear" else nn.Conv2d(case.inp, case.out, 1)
     with torch.no_grad():
@@ -67,9 +90,11 @@ def _layer(case: Case) -> nn.Module:
     return layer.eval()
 
 
-def _sparse(layer: nn.Module, case: Case) -> nn.Module:
+def _sparse(layer: nn.Module, case: Case, x: torch.Tensor) -> nn.Module:
     from edgesparse.runtime_kernels.modules import SparseConv1x1, SparseLinear, block_rows_for
 
+    if case.op == "mlp":
+        return _activation_sparse(layer, case, x)
     rows = block_rows_for(Pattern.parse(case.pattern))
     if case.op == "linear":
         return SparseLinear(layer.weight, layer.bias, rows)
@@ -91,18 +116,27 @@ def _pte_runner(module: nn.Module, x: torch.Tensor, folder: Path, name: str, qua
 
 
 def _ort_runner(layer: nn.Module, case: Case, x: torch.Tensor, threads: int):
-    """A one-node ONNX graph (MatMul+Add or Conv) holding the dense weights."""
-    import onnx
+    """A small ONNX graph (MatMul+Add, MatMul+Add+Relu+MatMul+Add, or Conv) holding the dense weights."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    w = layer.weight.detach().numpy()
-    b = layer.bias.detach().numpy()
-    if case.op == "linear":
-        inits = [numpy_helper.from_array(np.ascontiguousarray(w.T), "w"), numpy_helper.from_array(b, "b")]
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])]
+    def matmul_add(linear: nn.Linear, src: str, dst: str, tag: str):
+        inits.extend([numpy_helper.from_array(np.ascontiguousarray(linear.weight.detach().numpy().T), f"w{tag}"),
+                      numpy_helper.from_array(linear.bias.detach().numpy(), f"b{tag}")])
+        nodes.extend([helper.make_node("MatMul", [src, f"w{tag}"], [f"t{tag}"]), helper.make_node("Add", [f"t{tag}", f"b{tag}"], [dst])])
+
+    inits, nodes = [], []
+    if case.op == "mlp":
+        matmul_add(layer[0], "x", "h", "0")
+        nodes.append(helper.make_node("Relu", ["h"], ["r"]))
+        matmul_add(layer[2], "r", "y", "1")
+        out_shape = [case.rows, case.inp]
+    elif case.op == "linear":
+        matmul_add(layer, "x", "y", "")
         out_shape = [case.rows, case.out]
     else:
+        w = layer.weight.detach().numpy()
+        b = layer.bias.detach().numpy()
         inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
         nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"])]
         out_shape = [1, case.out, case.rows, case.rows]
@@ -147,9 +181,9 @@ def bench_kernels(quick: bool = False, threads: int = 1, rounds: int | None = No
         for index, case in enumerate(all_cases):
             layer, x = _layer(case), case.example()
             variants = {
-                "ours": _pte_runner(_sparse(layer, case), x, folder, f"sparse{index}")[0],
+                "ours": _pte_runner(_sparse(layer, case, x), x, folder, f"sparse{index}")[0],
                 "xnnpack-fp32": _pte_runner(layer, x, folder, f"dense{index}")[0],
-                "xnnpack-int8": _pte_runner(layer, x, folder, f"int8_{index}", "int8-dynamic" if case.op == "linear" else "int8")[0],
+                "xnnpack-int8": _pte_runner(layer, x, folder, f"int8_{index}", "int8" if case.op == "conv1x1" else "int8-dynamic")[0],
                 "onnxruntime-fp32": _ort_runner(layer, case, x, threads),
             }
             per_round = {name: [] for name in variants}
@@ -161,7 +195,7 @@ def bench_kernels(quick: bool = False, threads: int = 1, rounds: int | None = No
                 base = statistics.median(per_round[baseline])
                 rows.append({"op": case.op, "pattern": case.pattern, "dtype": "float32", "sparsity": case.sparsity,
                              "shape": case.shape, "in": case.inp, "out": case.out,
-                             "rows": case.rows if case.op == "linear" else case.rows * case.rows, "threads": threads, "ours_ms": ours, "baseline": baseline,
+                             "rows": case.rows * case.rows if case.op == "conv1x1" else case.rows, "threads": threads, "ours_ms": ours, "baseline": baseline,
                              "baseline_ms": base, "speedup": base / ours, "isa": isa(), "rounds": rounds, "runs": runs})
             advance(info=case.shape)
     return rows
@@ -176,7 +210,7 @@ def crossover(rows: list[dict]) -> list[dict]:
     fp32 by CROSSOVER_MARGIN at that sparsity and every higher one (None: never)."""
     table: dict[tuple, list] = {}
     for row in rows:
-        if row["baseline"] == "xnnpack-fp32":
+        if row["baseline"] == "xnnpack-fp32" and row["op"] != "mlp":  # weight-sparse layers only
             table.setdefault((row["op"], row["pattern"], row["shape"], row["in"], row["out"], row["rows"]), []).append(row)
     out = []
     for (op, pattern, shape, inp, outp, act_rows), measured in sorted(table.items()):

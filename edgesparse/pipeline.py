@@ -13,6 +13,7 @@ from edgesparse import _progress, manifest as manifest_mod
 from edgesparse._io import staging_dir, write_json_atomic
 from edgesparse.compress import compress
 from edgesparse.converters.executorch import export_pte, load_method, run_pte
+from edgesparse.converters.onnx import export_onnx
 from edgesparse import runtime_kernels
 from edgesparse.converters.sparse_swap import fold_batchnorm, has_kernels, swap_sparse_layers
 from edgesparse.errors import EdgesparseError
@@ -20,8 +21,8 @@ from edgesparse.layers import set_training
 from edgesparse.models import ModelBundle, load_model
 from edgesparse.recipe import Recipe
 
-FORMATS = {"pte": export_pte}
-PLANNED_FORMATS = ("onnx", "tflite")
+FORMATS = {"pte": export_pte, "onnx": export_onnx}
+PLANNED_FORMATS = ("tflite",)
 
 
 def parse_formats(text: str) -> list[str]:

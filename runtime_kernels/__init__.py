@@ -19,6 +19,7 @@ SOURCE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = SOURCE_DIR / "build"
 ET_LIBRARY = BUILD_DIR / "libedgesparse_et.so"
 C_LIBRARY = BUILD_DIR / "libedgesparse_kernels.so"
+ORT_LIBRARY = BUILD_DIR / "libedgesparse_ort.so"  # ONNX Runtime custom ops, domain ai.edgesparse
 RUNNER = BUILD_DIR / "edgesparse_runner"  # the torch-free C++ .pte runner
 _loaded = False
 
@@ -53,6 +54,24 @@ def load_executorch_ops() -> bool:
     ctypes.CDLL(str(ET_LIBRARY), mode=ctypes.RTLD_GLOBAL)
     _loaded = True
     return True
+
+
+def ort_session(path, threads: int = 1):
+    """An ONNX Runtime CPU session with the edgesparse op library registered (when built), so
+    models with ai.edgesparse nodes run; plain models run as usual."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if ORT_LIBRARY.is_file():
+        options.register_custom_ops_library(str(ORT_LIBRARY))
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        hint = "build the edgesparse op library with `make kernels`" if "edgesparse" in first and not ORT_LIBRARY.is_file() else None
+        raise EdgesparseError(f"ONNX Runtime could not load {Path(path).name}: {first}", hint=hint) from None
 
 
 def register_with_exporter() -> bool:

@@ -18,6 +18,10 @@ class _Weights(ctypes.Structure):
                 ("values", _f32p), ("col_idx", _i32p), ("row_ptr", _i32p), ("bias", _f32p)]
 
 
+class _ActSparse(ctypes.Structure):
+    _fields_ = [("out", ctypes.c_size_t), ("in_", ctypes.c_size_t), ("weight_t", _f32p), ("bias", _f32p)]
+
+
 _lib = None
 
 
@@ -53,6 +57,16 @@ def conv1x1_nchw(packed: BCSR, bias, x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(packed.out_features, x.shape[1])
     w = weights(packed, bias)
     lib().es_f32_bcsr_conv1x1_nchw(ctypes.byref(w), ctypes.c_size_t(x.shape[1]), _ptr(x, _f32p), _ptr(y, _f32p))
+    return y
+
+
+def actsparse_linear(weight_t: torch.Tensor, bias, threshold: float, x: torch.Tensor) -> torch.Tensor:
+    """x [n, in], weight_t [in, out] -> y [n, out], skipping inputs with |x| <= threshold"""
+    x, weight_t = x.contiguous().float(), weight_t.contiguous().float()
+    y = torch.empty(x.shape[0], weight_t.shape[1])
+    w = _ActSparse(weight_t.shape[1], weight_t.shape[0], _ptr(weight_t, _f32p), _ptr(bias, _f32p) if bias is not None else None)
+    lib().es_f32_actsparse_linear(ctypes.byref(w), ctypes.c_float(threshold), ctypes.c_size_t(x.shape[0]),
+                                  _ptr(x, _f32p), _ptr(y, _f32p))
     return y
 
 

@@ -35,15 +35,48 @@ class _BCSRModule(nn.Module):
         return f"edgesparse::{self.op_name} ({self.block_rows}x1, f32)"
 
     def forward(self, x):
+        if torch.onnx.is_in_onnx_export():  # an ai.edgesparse node, run by the ONNX Runtime op library
+            return torch.onnx.ops.symbolic(
+                f"ai.edgesparse::{self.onnx_op}", (x, self.values, self.col_idx, self.row_ptr, self.bias),
+                {"block_rows": self.block_rows, "in_features": self.in_features, "out_features": self.out_features},
+                dtype=x.dtype, shape=self.output_shape(x), version=1)
         return self.op(x, self.values, self.col_idx, self.row_ptr, self.bias, self.block_rows, self.in_features, self.out_features)
 
 
 class SparseLinear(_BCSRModule):
-    op, op_name = torch.ops.edgesparse.bcsr_linear, "bcsr_linear"
+    op, op_name, onnx_op = torch.ops.edgesparse.bcsr_linear, "bcsr_linear", "BcsrLinear"
+
+    def output_shape(self, x):
+        return (*x.shape[:-1], self.out_features)
 
 
 class SparseConv1x1(_BCSRModule):
-    op, op_name = torch.ops.edgesparse.bcsr_conv1x1, "bcsr_conv1x1"
+    op, op_name, onnx_op = torch.ops.edgesparse.bcsr_conv1x1, "bcsr_conv1x1", "BcsrConv1x1"
+
+    def output_shape(self, x):
+        return (x.shape[0], self.out_features, x.shape[2], x.shape[3])
+
+
+class ActSparseLinear(nn.Module):
+    """A Linear whose inputs with |x| <= threshold are skipped (TEAL / CATS activation sparsity),
+    run by edgesparse::actsparse_linear. threshold=0 is exact and skips the zeros a ReLU makes;
+    a larger threshold trades accuracy for speed (issue 5 calibrates it per layer)."""
+
+    def __init__(self, linear: nn.Linear, threshold: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight_t", linear.weight.detach().float().t().contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.threshold = float(threshold)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    kernel_name = "edgesparse::actsparse_linear (f32)"
+
+    def forward(self, x):
+        if torch.onnx.is_in_onnx_export():
+            return torch.onnx.ops.symbolic(
+                "ai.edgesparse::ActSparseLinear", (x, self.weight_t, self.bias), {"threshold": self.threshold},
+                dtype=x.dtype, shape=(*x.shape[:-1], self.out_features), version=1)
+        return torch.ops.edgesparse.actsparse_linear(x, self.weight_t, self.bias, self.threshold)
 
 
 def block_rows_for(pattern: Pattern) -> int | None:

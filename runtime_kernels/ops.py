@@ -44,6 +44,28 @@ def _out_variant(fn):
     return impl
 
 
+# Activation-sparse linear (TEAL / CATS): weight_t is [in, out]; inputs with |x| <= threshold
+# contribute nothing. The eager version is the reference: mask, then a dense matmul.
+_AS_ARGS = "Tensor x, Tensor weight_t, Tensor? bias, float threshold"
+_lib.define(f"actsparse_linear({_AS_ARGS}) -> Tensor")
+_lib.define(f"actsparse_linear.out({_AS_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def _actsparse(x, weight_t, bias, threshold):
+    y = torch.where(x.abs() > threshold, x, torch.zeros_like(x)) @ weight_t
+    return y if bias is None else y + bias
+
+
+def _actsparse_out(x, weight_t, bias, threshold, *, out):
+    result = _actsparse(x, weight_t, bias, threshold)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+_lib.impl("actsparse_linear", _actsparse, "CompositeExplicitAutograd")
+_lib.impl("actsparse_linear.out", _actsparse_out, "CompositeExplicitAutograd")
+_lib.impl("actsparse_linear", lambda x, weight_t, bias, threshold: x.new_empty((*x.shape[:-1], weight_t.shape[1])), "Meta")
+
 for _name, _eager, _meta in (("bcsr_linear", _linear, _linear_meta), ("bcsr_conv1x1", _conv1x1, _conv1x1_meta)):
     _lib.impl(_name, _eager, "CompositeExplicitAutograd")
     _lib.impl(f"{_name}.out", _out_variant(_eager), "CompositeExplicitAutograd")

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import edgesparse
 from edgesparse import Recipe, export_model
 from edgesparse.models import ModelBundle
 from edgesparse.recipe import LayerRule, PruneConfig, QuantConfig
@@ -23,7 +25,7 @@ AARCH64_BUILD = ROOT / "build-aarch64"
 
 @pytest.fixture(scope="session", autouse=True)
 def built():
-    if not runtime_kernels.available():
+    if not (runtime_kernels.available() and runtime_kernels.ORT_LIBRARY.is_file()):
         runtime_kernels.build()
     return True
 
@@ -44,13 +46,13 @@ def test_native_kernel_test_binary():
 
 @pytest.fixture(scope="session")
 def aarch64_test_binary():
-    if not (shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64")):
+    if not all(shutil.which(tool) for tool in ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++", "qemu-aarch64")):
         if os.environ.get("CI"):
             pytest.fail("CI must have gcc-aarch64-linux-gnu and qemu-user (make test installs them)")
         pytest.skip("gcc-aarch64-linux-gnu / qemu-user not installed (make arm-toolchain)")
     subprocess.run(["cmake", "-S", str(ROOT), "-B", str(AARCH64_BUILD), "-DEDGESPARSE_EXECUTORCH=OFF",
                     f"-DCMAKE_TOOLCHAIN_FILE={ROOT / 'tests' / 'aarch64-toolchain.cmake'}"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(AARCH64_BUILD), "-j2", "--target", "kernel_test"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(AARCH64_BUILD), "-j2", "--target", "kernel_test", "edgesparse_ort"], check=True, capture_output=True)
     return AARCH64_BUILD / "kernel_test"
 
 
@@ -171,7 +173,8 @@ def test_loading_the_op_library_twice_in_one_process_is_safe():
 
 def test_sparse_digits_runs_in_python_and_cpp_runtimes_matching_torch(tmp_path, digits):
     """The issue's acceptance: a 90%-pruned demo model with sparse ops, run by ExecuTorch's Python
-    runtime and by the C++ runner, equals torch; `profile` times it in both."""
+    runtime, by the C++ runner and by ONNX Runtime with our op library, equals torch; `profile`
+    times it in both ExecuTorch runtimes."""
     import copy
 
     from edgesparse import compress
@@ -179,7 +182,7 @@ def test_sparse_digits_runs_in_python_and_cpp_runtimes_matching_torch(tmp_path, 
     from edgesparse.devices import profile
 
     recipe = Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:4x1"))
-    record = export_model(digits, recipe, tmp_path, finetune=False)
+    record = export_model(digits, recipe, tmp_path, formats=["pte", "onnx"], finetune=False)
     sparse = [layer["name"] for layer in record["layers"] if layer["kernel"].startswith("edgesparse::")]
     assert sparse, [layer["reason"] for layer in record["layers"]]
     reference = compress(copy.deepcopy(digits.model), recipe).model.eval()
@@ -198,11 +201,81 @@ def test_sparse_digits_runs_in_python_and_cpp_runtimes_matching_torch(tmp_path, 
     got = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).reshape(want.shape)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+    import onnx
+
+    graph = onnx.load(tmp_path / "model.onnx").graph
+    assert sum(node.domain == "ai.edgesparse" for node in graph.node) == len(sparse)
+    session = edgesparse.ort_session(tmp_path / "model.onnx")
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
     for runtime in ("python", "cpp"):
         result = profile(path, runs=20, warmup=2, runtime=runtime)
         assert result["runtime"] == f"executorch-{runtime}" and result["count"] >= 20 and result["p50_ms"] > 0
         assert 0 < result["peak_rss_mb"]
     assert profile(path, runs=5, runtime="cpp")["peak_rss_mb"] < 200  # no Python, no torch
+
+
+def _ort_graph(node, inputs, tmp_path):
+    """A one-node ONNX model around an ai.edgesparse node, in an ONNX Runtime session."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(value.numpy(), name) for name, value in inputs.items()]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.edgesparse", 1)])
+    path = tmp_path / f"{node.op_type}.onnx"
+    onnx.save(model, path)
+    return edgesparse.ort_session(path)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_ort_bcsr_linear_matches_torch_and_reports_bad_shapes(rows, tmp_path):
+    from onnx import helper
+
+    w = sparse_weight(40, 72, rows, 0.2)
+    bias = torch.randn(40)
+    packed = pack_bcsr(w, rows)
+    node = helper.make_node("BcsrLinear", ["x", "v", "c", "r", "b"], ["y"], domain="ai.edgesparse",
+                            block_rows=rows, in_features=72, out_features=40)
+    session = _ort_graph(node, {"v": packed.values, "c": packed.col_idx, "r": packed.row_ptr, "b": bias}, tmp_path)
+    x = torch.randn(3, 5, 72)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), F.linear(x, w, bias),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="BcsrLinear: x must end in 72 features"):
+        session.run(None, {"x": torch.randn(3, 71).numpy()})
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.7])
+def test_activation_sparse_linear_matches_torch_everywhere(threshold, tmp_path):
+    """C ABI on every ISA, the eager op, a .pte (ExecuTorch kernel) and ONNX Runtime: all equal
+    the masked dense product."""
+    from onnx import helper
+
+    from edgesparse.converters.executorch import load_method, lower, run_pte
+    from edgesparse.runtime_kernels.modules import ActSparseLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(300, 520)
+    x = torch.relu(torch.randn(2, 300))
+    want = F.linear(torch.where(x.abs() > threshold, x, 0.0), linear.weight, linear.bias).detach()
+    weight_t = linear.weight.detach().t().contiguous()
+    bias = linear.bias.detach()
+    for name in ("scalar", "avx2", "avx512", "neon"):
+        if capi.force_isa(name):
+            torch.testing.assert_close(capi.actsparse_linear(weight_t, bias, threshold, x), want, rtol=1e-5, atol=1e-5)
+    capi.force_isa(None)
+
+    module = ActSparseLinear(linear, threshold).eval()
+    torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)
+    path = tmp_path / "actsparse.pte"
+    path.write_bytes(lower(module, (x,)).buffer)
+    torch.testing.assert_close(run_pte(load_method(path), (x,)), want, rtol=1e-5, atol=1e-5)
+
+    node = helper.make_node("ActSparseLinear", ["x", "w", "b"], ["y"], domain="ai.edgesparse", threshold=threshold)
+    session = _ort_graph(node, {"w": weight_t, "b": bias}, tmp_path)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_cpp_runner_rejects_bad_files(tmp_path):

@@ -102,7 +102,41 @@ Tensor& bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
   return out;
 }
 
+// Activation-sparse linear: x [..., in], weight_t [in, out]; threads split the output columns.
+Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight_t,
+                             const std::optional<Tensor>& bias, double threshold, Tensor& out) {
+  const bool ok = x.scalar_type() == ScalarType::Float && weight_t.scalar_type() == ScalarType::Float &&
+                  weight_t.dim() == 2 && x.dim() >= 1 && x.size(x.dim() - 1) == weight_t.size(0) &&
+                  (!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->numel() == weight_t.size(1)));
+  if (!ok) {
+    ET_LOG(Error, "edgesparse::actsparse_linear: float x [..., in], weight_t [in, out], bias [out] expected");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  SizesType sizes[8];
+  for (ssize_t d = 0; d < x.dim(); d++) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = weight_t.size(1);
+  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const es_actsparse_f32 w{static_cast<size_t>(weight_t.size(1)), static_cast<size_t>(weight_t.size(0)),
+                           weight_t.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+  const size_t rows = static_cast<size_t>(x.numel() / weight_t.size(0));
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  // column chunks of 256 outputs (whole cache lines), at least ~64k multiply-adds each
+  const int64_t chunks = static_cast<int64_t>((w.out + 255) / 256);
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(65536 / (256 * w.in * rows + 1)));
+  executorch::extension::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    es_f32_actsparse_linear_cols(&w, static_cast<float>(threshold), rows, xp, yp, static_cast<size_t>(c0) * 256,
+                                 std::min(w.out, static_cast<size_t>(c1) * 256));
+  });
+  return out;
+}
+
 }  // namespace
 
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_linear.out", bcsr_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1.out", bcsr_conv1x1_out);
+EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);

@@ -11,9 +11,13 @@
 /* every kernel computes the row blocks [b0, b1): callers split that range across threads */
 typedef void (*es_kernel_fn)(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t);
 
+/* the activation-sparse kernel computes the output columns [o0, o1) */
+typedef void (*es_actsparse_fn)(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t);
+
 #define ES_DECLARE(isa)                                                                                \
   void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
-  void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t);
+  void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
+  void es_f32_actsparse_linear__##isa(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t);
 
 ES_DECLARE(scalar)
 #if defined(__x86_64__)
@@ -39,14 +43,15 @@ static const struct {
   const char* isa;
   es_kernel_fn linear;
   es_kernel_fn conv1x1;
+  es_actsparse_fn actsparse;
 } es_table[] = {  /* best first */
 #if defined(__x86_64__)
-    {"avx512", es_f32_bcsr_linear__avx512, es_f32_bcsr_conv1x1_nchw__avx512},
-    {"avx2", es_f32_bcsr_linear__avx2, es_f32_bcsr_conv1x1_nchw__avx2},
+    {"avx512", es_f32_bcsr_linear__avx512, es_f32_bcsr_conv1x1_nchw__avx512, es_f32_actsparse_linear__avx512},
+    {"avx2", es_f32_bcsr_linear__avx2, es_f32_bcsr_conv1x1_nchw__avx2, es_f32_actsparse_linear__avx2},
 #elif defined(__aarch64__)
-    {"neon", es_f32_bcsr_linear__neon, es_f32_bcsr_conv1x1_nchw__neon},
+    {"neon", es_f32_bcsr_linear__neon, es_f32_bcsr_conv1x1_nchw__neon, es_f32_actsparse_linear__neon},
 #endif
-    {"scalar", es_f32_bcsr_linear__scalar, es_f32_bcsr_conv1x1_nchw__scalar},
+    {"scalar", es_f32_bcsr_linear__scalar, es_f32_bcsr_conv1x1_nchw__scalar, es_f32_actsparse_linear__scalar},
 };
 static const size_t es_rows = sizeof(es_table) / sizeof(es_table[0]);
 static int es_choice = -1;
@@ -85,4 +90,13 @@ void es_f32_bcsr_linear(const es_bcsr_f32* w, size_t n, const float* x, float* y
 
 void es_f32_bcsr_conv1x1_nchw(const es_bcsr_f32* w, size_t pixels, const float* x, float* y) {
   es_f32_bcsr_conv1x1_nchw_blocks(w, pixels, x, y, 0, es_bcsr_row_blocks(w));
+}
+
+void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y,
+                                  size_t o0, size_t o1) {
+  es_table[es_select()].actsparse(w, threshold, n, x, y, o0, o1);
+}
+
+void es_f32_actsparse_linear(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y) {
+  es_f32_actsparse_linear_cols(w, threshold, n, x, y, 0, w->out);
 }

@@ -50,12 +50,59 @@ static int close_enough(const float* got, const double* want, size_t count, cons
   double scale = 1e-30;
   for (size_t i = 0; i < count; i++) scale = fmax(scale, fabs(want[i]));
   for (size_t i = 0; i < count; i++) {
-    if (fabs(got[i] - want[i]) > 1e-5 * fabs(want[i]) + 1e-6 * scale) {
+    if (!(fabs(got[i] - want[i]) <= 1e-5 * fabs(want[i]) + 1e-6 * scale)) { /* NaN fails too */
       printf("FAIL %s: element %zu got %.9g want %.9g\n", what, i, got[i], want[i]);
       return 0;
     }
   }
   return 1;
+}
+
+/* activation-sparse linear: thresholds that skip nothing, some, everything; exact zeros; more
+ * inputs than one gather chunk (256); output widths that are not a multiple of the vector */
+static void actsparse_tests(int* passed, int* failed) {
+  const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {130, 600, 3}, {4099, 17, 1}, {33, 1030, 2}};
+  const float thresholds[] = {-1.0f, 0.0f, 0.3f, 0.9f, 2.0f};
+  for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+    for (size_t t = 0; t < sizeof(thresholds) / sizeof(thresholds[0]); t++)
+      for (int with_bias = 0; with_bias < 2; with_bias++) {
+        size_t out = shapes[s][0], in = shapes[s][1], n = shapes[s][2];
+        float th = thresholds[t];
+        float* wt = malloc(in * out * sizeof(float));
+        float* bias = malloc(out * sizeof(float));
+        float* xbuf = malloc((n * in + 2) * sizeof(float));
+        float* ybuf = malloc((n * out + 2) * sizeof(float));
+        float *x = xbuf + 1, *y = ybuf + 1; /* misaligned by one float on purpose */
+        double* want = malloc(n * out * sizeof(double));
+        for (size_t i = 0; i < in * out; i++) wt[i] = frand();
+        for (size_t o = 0; o < out; o++) bias[o] = frand();
+        for (size_t i = 0; i < n * in; i++) x[i] = (i % 5 == 0) ? 0.0f : frand(); /* ReLU-like zeros */
+        for (size_t row = 0; row < n; row++)
+          for (size_t o = 0; o < out; o++) {
+            double acc = with_bias ? bias[o] : 0.0;
+            for (size_t c = 0; c < in; c++)
+              if (fabsf(x[row * in + c]) > th) acc += (double)x[row * in + c] * wt[c * out + o];
+            want[row * out + o] = acc;
+          }
+        es_actsparse_f32 w = {out, in, wt, with_bias ? bias : NULL};
+        for (size_t isa = 0; isa < 4; isa++) {
+          if (es_force_isa(ISAS[isa]) != 0) continue;
+          char what[160];
+          snprintf(what, sizeof what, "%s actsparse out=%zu in=%zu n=%zu threshold=%.1f bias=%d", ISAS[isa], out, in, n, th, with_bias);
+          ybuf[0] = ybuf[n * out + 1] = 12345.0f;
+          es_f32_actsparse_linear(&w, th, n, x, y);
+          int ok = close_enough(y, want, n * out, what) && ybuf[0] == 12345.0f && ybuf[n * out + 1] == 12345.0f;
+          ok ? (*passed)++ : (*failed)++;
+          memset(y, 0xff, n * out * sizeof(float)); /* NaN: every column must be written again */
+          size_t cut = out / 3;
+          es_f32_actsparse_linear_cols(&w, th, n, x, y, cut, out);
+          es_f32_actsparse_linear_cols(&w, th, n, x, y, 0, cut);
+          snprintf(what, sizeof what, "%s actsparse split out=%zu in=%zu threshold=%.1f", ISAS[isa], out, in, th);
+          close_enough(y, want, n * out, what) ? (*passed)++ : (*failed)++;
+        }
+        es_force_isa(NULL);
+        free(wt); free(bias); free(xbuf); free(ybuf); free(want);
+      }
 }
 
 int main(void) {
@@ -131,6 +178,7 @@ int main(void) {
           free(p.values); free(p.col); free(p.ptr); free(p.dense); free(bias);
           free(xbuf); free(ybuf); free(want_lin); free(want_conv);
         }
+  actsparse_tests(&passed, &failed);
   printf("dispatch picks: %s\n", es_f32_bcsr_isa());
   printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;

@@ -41,6 +41,23 @@ void es_f32_bcsr_linear_blocks(const es_bcsr_f32* w, size_t n, const float* x, f
 void es_f32_bcsr_conv1x1_nchw_blocks(const es_bcsr_f32* w, size_t pixels, const float* x, float* y, size_t b0,
                                      size_t b1);
 
+/* Activation-sparse linear (TEAL / CATS style): weights input-channel-major, weight_t[in][out],
+ * so an input channel with |x| <= threshold skips one contiguous row of weights:
+ *   y[n, o] = sum over c with |x[n, c]| > threshold of x[n, c] * weight_t[c, o]  + bias[o]
+ * threshold 0 skips exact zeros (e.g. after ReLU) and is otherwise exact. Batch 1 (decode) is
+ * the case it is built for: every row re-reads its active weight rows. */
+typedef struct {
+  size_t out;
+  size_t in;
+  const float* weight_t;  /* [in, out] */
+  const float* bias;      /* [out] or NULL */
+} es_actsparse_f32;
+
+void es_f32_actsparse_linear(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y);
+/* output columns [o0, o1) only: disjoint ranges write disjoint outputs (threads split them) */
+void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y,
+                                  size_t o0, size_t o1);
+
 /* Which implementation dispatch picked on this CPU: "scalar", "avx2", "avx512" or "neon". */
 const char* es_f32_bcsr_isa(void);
 

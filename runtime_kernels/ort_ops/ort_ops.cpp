@@ -1,0 +1,248 @@
+// ONNX Runtime custom-op library for the edgesparse kernels, domain "ai.edgesparse":
+//   BcsrLinear(x, values, col_idx, row_ptr, bias?)  attrs block_rows, in_features, out_features
+//   BcsrConv1x1(x, values, col_idx, row_ptr, bias?) same attrs, x in NCHW
+//   ActSparseLinear(x, weight_t, bias?)             attr threshold
+// The nodes are what torch.onnx emits for edgesparse's sparse modules (runtime_kernels/modules.py).
+// Load with SessionOptions.register_custom_ops_library(path) or edgesparse.ort_session(path).
+// Kernels run on the calling thread.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "edgesparse/kernels.h"
+#include "ort_abi.h"
+
+namespace {
+
+using namespace ort_abi;
+
+Api g_api{nullptr};
+
+// A tensor view: dims, element type and data pointer of one OrtValue.
+struct View {
+  std::vector<int64_t> dims;
+  ONNXTensorElementDataType type{};
+  void* data = nullptr;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : dims) n *= d;
+    return n;
+  }
+};
+
+#define ES_ORT_TRY(expr)                      \
+  do {                                        \
+    if (OrtStatus* status_ = (expr)) return status_; \
+  } while (0)
+
+OrtStatus* error(const std::string& msg) {
+  return g_api.call<CreateStatusFn>(CreateStatus, ORT_INVALID_ARGUMENT, msg.c_str());
+}
+
+OrtStatus* describe(const OrtValue* value, View* view) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ES_ORT_TRY(g_api.call<GetTensorTypeAndShapeFn>(GetTensorTypeAndShape, value, &info));
+  size_t count = 0;
+  OrtStatus* status = g_api.call<GetDimensionsCountFn>(GetDimensionsCount, info, &count);
+  if (!status) {
+    view->dims.resize(count);
+    status = g_api.call<GetDimensionsFn>(GetDimensions, info, view->dims.data(), count);
+  }
+  if (!status) status = g_api.call<GetTensorElementTypeFn>(GetTensorElementType, info, &view->type);
+  g_api.call<ReleaseTensorTypeAndShapeInfoFn>(ReleaseTensorTypeAndShapeInfo, info);
+  if (!status) status = g_api.call<GetTensorMutableDataFn>(GetTensorMutableData, const_cast<OrtValue*>(value), &view->data);
+  return status;
+}
+
+// Input `index`; `present` is false for an omitted optional input.
+OrtStatus* input(OrtKernelContext* ctx, size_t index, View* view, bool* present = nullptr) {
+  size_t count = 0;
+  ES_ORT_TRY(g_api.call<KernelContext_GetInputCountFn>(KernelContext_GetInputCount, ctx, &count));
+  const OrtValue* value = nullptr;
+  if (index < count) ES_ORT_TRY(g_api.call<KernelContext_GetInputFn>(KernelContext_GetInput, ctx, index, &value));
+  if (present) *present = value != nullptr;
+  if (!value) return present ? nullptr : error("edgesparse: missing input " + std::to_string(index));
+  return describe(value, view);
+}
+
+OrtStatus* output(OrtKernelContext* ctx, const std::vector<int64_t>& dims, float** data) {
+  OrtValue* value = nullptr;
+  ES_ORT_TRY(g_api.call<KernelContext_GetOutputFn>(KernelContext_GetOutput, ctx, 0, dims.data(), dims.size(), &value));
+  return g_api.call<GetTensorMutableDataFn>(GetTensorMutableData, value, reinterpret_cast<void**>(data));
+}
+
+// ---- the three ops -------------------------------------------------------------------------
+
+struct BcsrKernel {
+  int64_t block_rows = 0, in_features = 0, out_features = 0;
+  bool conv = false;
+};
+
+struct ActSparseKernel {
+  float threshold = 0.0f;
+};
+
+// Shared checks of the BCSR operands; fills `w`.
+OrtStatus* bcsr_weights(const BcsrKernel& k, OrtKernelContext* ctx, es_bcsr_f32* w) {
+  View values, col_idx, row_ptr, bias;
+  bool has_bias = false;
+  ES_ORT_TRY(input(ctx, 1, &values));
+  ES_ORT_TRY(input(ctx, 2, &col_idx));
+  ES_ORT_TRY(input(ctx, 3, &row_ptr));
+  ES_ORT_TRY(input(ctx, 4, &bias, &has_bias));
+  const int64_t blocks = (k.out_features + k.block_rows - 1) / k.block_rows;
+  if (values.type != ORT_FLOAT || col_idx.type != ORT_INT32 || row_ptr.type != ORT_INT32 || row_ptr.numel() != blocks + 1)
+    return error("edgesparse: malformed BCSR weights (values float, col_idx/row_ptr int32, row_ptr of out/block_rows+1)");
+  const int64_t nnz = static_cast<const int32_t*>(row_ptr.data)[blocks];
+  if (nnz < 0 || col_idx.numel() < nnz || values.numel() < nnz * k.block_rows)
+    return error("edgesparse: BCSR row_ptr does not match col_idx / values");
+  if (has_bias && (bias.type != ORT_FLOAT || bias.numel() != k.out_features))
+    return error("edgesparse: bias must be float [out_features]");
+  *w = es_bcsr_f32{static_cast<size_t>(k.out_features), static_cast<size_t>(k.in_features),
+                   static_cast<size_t>(k.block_rows), static_cast<const float*>(values.data),
+                   static_cast<const int32_t*>(col_idx.data), static_cast<const int32_t*>(row_ptr.data),
+                   has_bias ? static_cast<const float*>(bias.data) : nullptr};
+  return nullptr;
+}
+
+OrtStatus* bcsr_compute(const BcsrKernel& k, OrtKernelContext* ctx) {
+  View x;
+  es_bcsr_f32 w;
+  ES_ORT_TRY(input(ctx, 0, &x));
+  ES_ORT_TRY(bcsr_weights(k, ctx, &w));
+  if (x.type != ORT_FLOAT) return error("edgesparse: x must be float");
+  std::vector<int64_t> dims = x.dims;
+  float* y = nullptr;
+  if (k.conv) {
+    if (x.dims.size() != 4 || x.dims[1] != k.in_features)
+      return error("edgesparse::BcsrConv1x1: x must be NCHW with " + std::to_string(k.in_features) + " channels");
+    dims[1] = k.out_features;
+    ES_ORT_TRY(output(ctx, dims, &y));
+    const size_t pixels = static_cast<size_t>(x.dims[2] * x.dims[3]);
+    for (int64_t n = 0; n < x.dims[0]; n++)
+      es_f32_bcsr_conv1x1_nchw(&w, pixels, static_cast<const float*>(x.data) + n * k.in_features * pixels,
+                               y + n * k.out_features * pixels);
+  } else {
+    if (x.dims.empty() || x.dims.back() != k.in_features)
+      return error("edgesparse::BcsrLinear: x must end in " + std::to_string(k.in_features) + " features");
+    dims.back() = k.out_features;
+    ES_ORT_TRY(output(ctx, dims, &y));
+    es_f32_bcsr_linear(&w, static_cast<size_t>(x.numel() / k.in_features), static_cast<const float*>(x.data), y);
+  }
+  return nullptr;
+}
+
+OrtStatus* actsparse_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
+  View x, wt, bias;
+  bool has_bias = false;
+  ES_ORT_TRY(input(ctx, 0, &x));
+  ES_ORT_TRY(input(ctx, 1, &wt));
+  ES_ORT_TRY(input(ctx, 2, &bias, &has_bias));
+  if (x.type != ORT_FLOAT || wt.type != ORT_FLOAT || wt.dims.size() != 2 || x.dims.empty() || x.dims.back() != wt.dims[0] ||
+      (has_bias && (bias.type != ORT_FLOAT || bias.numel() != wt.dims[1])))
+    return error("edgesparse::ActSparseLinear: float x [..., in], weight_t [in, out], bias [out] expected");
+  std::vector<int64_t> dims = x.dims;
+  dims.back() = wt.dims[1];
+  float* y = nullptr;
+  ES_ORT_TRY(output(ctx, dims, &y));
+  const es_actsparse_f32 w{static_cast<size_t>(wt.dims[1]), static_cast<size_t>(wt.dims[0]),
+                           static_cast<const float*>(wt.data), has_bias ? static_cast<const float*>(bias.data) : nullptr};
+  es_f32_actsparse_linear(&w, k.threshold, static_cast<size_t>(x.numel() / wt.dims[0]), static_cast<const float*>(x.data), y);
+  return nullptr;
+}
+
+// ---- OrtCustomOp tables --------------------------------------------------------------------
+
+OrtStatus* int_attr(const OrtKernelInfo* info, const char* name, int64_t* out) {
+  return g_api.call<KernelInfoGetAttribute_int64Fn>(KernelInfoGetAttribute_int64, info, name, out);
+}
+
+struct OpDef {  // standard layout, `op` first: ORT hands back &op and def() recovers the OpDef
+  OrtCustomOp op;
+  const char* name;
+  size_t input_count;
+  ONNXTensorElementDataType inputs[5];
+  size_t optional_from;  // inputs at and after this index are optional (bias)
+};
+
+const OpDef& def(const OrtCustomOp* op) { return *reinterpret_cast<const OpDef*>(op); }
+
+OrtStatus* create_bcsr(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  auto* k = new BcsrKernel;
+  k->conv = std::string(def(op).name) == "BcsrConv1x1";
+  OrtStatus* status = int_attr(info, "block_rows", &k->block_rows);
+  if (!status) status = int_attr(info, "in_features", &k->in_features);
+  if (!status) status = int_attr(info, "out_features", &k->out_features);
+  if (!status && (k->block_rows < 1 || k->in_features < 1 || k->out_features < 1))
+    status = error("edgesparse: block_rows, in_features and out_features must be positive");
+  if (status) {
+    delete k;
+    return status;
+  }
+  *kernel = k;
+  return nullptr;
+}
+
+OrtStatus* create_actsparse(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  auto* k = new ActSparseKernel;
+  if (OrtStatus* status = g_api.call<KernelInfoGetAttribute_floatFn>(KernelInfoGetAttribute_float, info, "threshold", &k->threshold)) {
+    delete k;
+    return status;
+  }
+  *kernel = k;
+  return nullptr;
+}
+
+OrtCustomOp make_op(OrtStatus* (*create)(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*, void**),
+                    OrtStatus* (*compute)(void*, OrtKernelContext*), void (*destroy)(void*)) {
+  OrtCustomOp op{};
+  op.version = kApiVersion;
+  op.GetName = [](const OrtCustomOp* o) { return def(o).name; };
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
+  op.GetInputType = [](const OrtCustomOp* o, size_t i) { return def(o).inputs[i]; };
+  op.GetInputTypeCount = [](const OrtCustomOp* o) { return def(o).input_count; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ORT_FLOAT; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.KernelDestroy = destroy;
+  op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
+    return i >= def(o).optional_from ? ORT_OPTIONAL : ORT_REQUIRED;
+  };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return ORT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  op.CreateKernelV2 = create;
+  op.KernelComputeV2 = compute;
+  return op;
+}
+
+OrtStatus* compute_bcsr(void* k, OrtKernelContext* ctx) { return bcsr_compute(*static_cast<BcsrKernel*>(k), ctx); }
+OrtStatus* compute_actsparse(void* k, OrtKernelContext* ctx) {
+  return actsparse_compute(*static_cast<ActSparseKernel*>(k), ctx);
+}
+void destroy_bcsr(void* k) { delete static_cast<BcsrKernel*>(k); }
+void destroy_actsparse(void* k) { delete static_cast<ActSparseKernel*>(k); }
+
+OpDef g_ops[] = {
+    {make_op(create_bcsr, compute_bcsr, destroy_bcsr), "BcsrLinear", 5, {ORT_FLOAT, ORT_FLOAT, ORT_INT32, ORT_INT32, ORT_FLOAT}, 4},
+    {make_op(create_bcsr, compute_bcsr, destroy_bcsr), "BcsrConv1x1", 5, {ORT_FLOAT, ORT_FLOAT, ORT_INT32, ORT_INT32, ORT_FLOAT}, 4},
+    {make_op(create_actsparse, compute_actsparse, destroy_actsparse), "ActSparseLinear", 3, {ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 2},
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                                const OrtApiBase* base) {
+  const OrtApi* table = base->GetApi(kApiVersion);
+  if (!table) {  // a runtime older than API 16 (ORT 1.16) has no table to report the error through
+    fprintf(stderr, "edgesparse: ONNX Runtime %s is too old for the op library (needs 1.16 or newer)\n",
+            base->GetVersionString());
+    return nullptr;
+  }
+  g_api.table = table;
+  OrtCustomOpDomain* domain = nullptr;
+  ES_ORT_TRY(g_api.call<CreateCustomOpDomainFn>(CreateCustomOpDomain, "ai.edgesparse", &domain));
+  for (OpDef& op : g_ops) ES_ORT_TRY(g_api.call<CustomOpDomain_AddFn>(CustomOpDomain_Add, domain, &op.op));
+  // The session options keep the domain pointer: it lives until the process exits.
+  return g_api.call<AddCustomOpDomainFn>(AddCustomOpDomain, options, domain);
+}

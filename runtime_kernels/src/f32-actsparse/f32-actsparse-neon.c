@@ -1,0 +1,4 @@
+/* f32 activation-sparse linear, neon build (vectors of 4 floats). */
+#define ES_ISA neon
+#define ES_MR 4
+#include "f32-actsparse.inc"
