@@ -101,6 +101,12 @@ def _sparse(layer: nn.Module, case: Case, x: torch.Tensor) -> nn.Module:
     return SparseConv1x1(layer.weight.reshape(case.out, case.inp), layer.bias, rows)
 
 
+def _sparse_int8(layer: nn.Module, case: Case) -> nn.Module:
+    from edgesparse.runtime_kernels.modules import QSparseLinear, block_rows_for
+
+    return QSparseLinear(layer.weight, layer.bias, block_rows_for(Pattern.parse(case.pattern)))
+
+
 def _pte_runner(module: nn.Module, x: torch.Tensor, folder: Path, name: str, quant: str = "none"):
     from edgesparse.converters.executorch import load_method, lower
     from edgesparse.quantize import quantize
@@ -186,14 +192,19 @@ def bench_kernels(quick: bool = False, threads: int = 1, rounds: int | None = No
                 "xnnpack-int8": _pte_runner(layer, x, folder, f"int8_{index}", "int8" if case.op == "conv1x1" else "int8-dynamic")[0],
                 "onnxruntime-fp32": _ort_runner(layer, case, x, threads),
             }
+            if case.op == "linear":  # int8 sparse against int8 dense
+                variants["ours-int8"] = _pte_runner(_sparse_int8(layer, case), x, folder, f"qsparse{index}")[0]
             per_round = {name: [] for name in variants}
             for _ in range(rounds):
                 for name, fn in variants.items():
                     per_round[name].append(_median_ms(fn, runs, warmup=max(3, runs // 10)))
-            ours = statistics.median(per_round["ours"])
-            for baseline in ("xnnpack-fp32", "xnnpack-int8", "onnxruntime-fp32"):
+            pairs = [("ours", "float32", b) for b in ("xnnpack-fp32", "xnnpack-int8", "onnxruntime-fp32")]
+            if "ours-int8" in variants:
+                pairs.append(("ours-int8", "int8", "xnnpack-int8"))
+            for mine, dtype, baseline in pairs:
+                ours = statistics.median(per_round[mine])
                 base = statistics.median(per_round[baseline])
-                rows.append({"op": case.op, "pattern": case.pattern, "dtype": "float32", "sparsity": case.sparsity,
+                rows.append({"op": case.op, "pattern": case.pattern, "dtype": dtype, "sparsity": case.sparsity,
                              "shape": case.shape, "in": case.inp, "out": case.out,
                              "rows": case.rows * case.rows if case.op == "conv1x1" else case.rows, "threads": threads, "ours_ms": ours, "baseline": baseline,
                              "baseline_ms": base, "speedup": base / ours, "isa": isa(), "rounds": rounds, "runs": runs})
@@ -210,7 +221,7 @@ def crossover(rows: list[dict]) -> list[dict]:
     fp32 by CROSSOVER_MARGIN at that sparsity and every higher one (None: never)."""
     table: dict[tuple, list] = {}
     for row in rows:
-        if row["baseline"] == "xnnpack-fp32" and row["op"] != "mlp":  # weight-sparse layers only
+        if row["baseline"] == "xnnpack-fp32" and row["op"] != "mlp" and row["dtype"] == "float32":  # weight-sparse fp32
             table.setdefault((row["op"], row["pattern"], row["shape"], row["in"], row["out"], row["rows"]), []).append(row)
     out = []
     for (op, pattern, shape, inp, outp, act_rows), measured in sorted(table.items()):
@@ -225,22 +236,34 @@ def crossover(rows: list[dict]) -> list[dict]:
     return out
 
 
-def to_markdown(rows: list[dict]) -> str:
-    """Two tables: speedup vs XNNPACK fp32 across sparsities, and every baseline at 90%."""
+def _speedup_table(rows: list[dict], title: str) -> list[str]:
+    """One line per (op, shape, pattern), one column per sparsity: the speedups in `rows`."""
     sparsities = sorted({r["sparsity"] for r in rows})
-    keys = list(dict.fromkeys((r["op"], r["shape"], r["pattern"]) for r in rows))
-    fp32 = {(r["op"], r["shape"], r["pattern"], r["sparsity"]): r for r in rows if r["baseline"] == "xnnpack-fp32"}
-    lines = ["| op | shape | pattern | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+    by_key = {(r["op"], r["shape"], r["pattern"], r["sparsity"]): r for r in rows}
+    lines = [f"| {title} | shape | pattern | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
              "|---|---|---|" + "---|" * len(sparsities)]
-    for op, shape, pattern in keys:
-        cells = [f"{fp32[(op, shape, pattern, s)]['speedup']:.2f}x" if (op, shape, pattern, s) in fp32 else "" for s in sparsities]
+    for op, shape, pattern in dict.fromkeys((r["op"], r["shape"], r["pattern"]) for r in rows):
+        cells = [f"{by_key[(op, shape, pattern, s)]['speedup']:.2f}x" if (op, shape, pattern, s) in by_key else "" for s in sparsities]
         lines.append(f"| {op} | {shape} | {pattern} | " + " | ".join(cells) + " |")
-    at90 = [r for r in rows if abs(r["sparsity"] - 0.9) < 1e-9]
+    return lines
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """Speedup of our fp32 ops vs XNNPACK fp32 and of our int8 ops vs XNNPACK int8 across
+    sparsities, then every baseline's time at 90%."""
+    fp32 = [r for r in rows if r["dtype"] == "float32"]
+    lines = _speedup_table([r for r in fp32 if r["baseline"] == "xnnpack-fp32"], "fp32 ours vs XNNPACK fp32")
+    int8 = [r for r in rows if r["dtype"] == "int8"]
+    if int8:
+        lines += [""] + _speedup_table(int8, "int8 ours vs XNNPACK int8")
+    at90 = [r for r in fp32 if abs(r["sparsity"] - 0.9) < 1e-9]
     if at90:
-        lines += ["", "| op | shape | pattern | ours ms | XNNPACK fp32 ms | XNNPACK int8 ms | ORT fp32 ms |", "|---|---|---|---|---|---|---|"]
-        for op, shape, pattern in keys:
+        lines += ["", "| op (90%) | shape | pattern | ours fp32 ms | XNNPACK fp32 ms | XNNPACK int8 ms | ORT fp32 ms | ours int8 ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for op, shape, pattern in dict.fromkeys((r["op"], r["shape"], r["pattern"]) for r in at90):
             group = {r["baseline"]: r for r in at90 if (r["op"], r["shape"], r["pattern"]) == (op, shape, pattern)}
-            if group:
-                cells = [f"{group[b]['baseline_ms']:.3f} ({group[b]['speedup']:.2f}x)" for b in ("xnnpack-fp32", "xnnpack-int8", "onnxruntime-fp32")]
-                lines.append(f"| {op} | {shape} | {pattern} | {group['xnnpack-fp32']['ours_ms']:.3f} | " + " | ".join(cells) + " |")
+            q = next((r for r in int8 if (r["op"], r["shape"], r["pattern"]) == (op, shape, pattern) and abs(r["sparsity"] - 0.9) < 1e-9), None)
+            cells = [f"{group[b]['baseline_ms']:.3f} ({group[b]['speedup']:.2f}x)" for b in ("xnnpack-fp32", "xnnpack-int8", "onnxruntime-fp32")]
+            cells.append(f"{q['ours_ms']:.3f}" if q else "")
+            lines.append(f"| {op} | {shape} | {pattern} | {group['xnnpack-fp32']['ours_ms']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

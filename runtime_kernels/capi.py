@@ -70,6 +70,16 @@ def actsparse_linear(weight_t: torch.Tensor, bias, threshold: float, x: torch.Te
     return y
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """es_qs8_quantize_rows on x [n, in]: (int8 [n, in], float32 scales [n])"""
+    x = x.contiguous().float()
+    xq = torch.empty(x.shape, dtype=torch.int8)
+    scales = torch.empty(x.shape[0])
+    lib().es_qs8_quantize_rows(ctypes.c_size_t(x.shape[0]), ctypes.c_size_t(x.shape[1]), _ptr(x, _f32p),
+                               ctypes.cast(xq.data_ptr(), ctypes.POINTER(ctypes.c_int8)), _ptr(scales, _f32p))
+    return xq, scales
+
+
 def isa() -> str:
     return lib().es_f32_bcsr_isa().decode()
 

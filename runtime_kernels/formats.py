@@ -42,6 +42,30 @@ def pack_bcsr(weight: torch.Tensor, block_rows: int) -> BCSR:
     return BCSR(values, col.to(torch.int32), row_ptr, block_rows, out, inp)
 
 
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 [out, in], float32 scales [out]); weight ~= q * scale."""
+    weight = weight.detach().float()
+    amax = weight.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def pack_qs8_bcsr(weight: torch.Tensor, block_rows: int) -> tuple[BCSR, torch.Tensor]:
+    """int8 BCSR Rx1 (int8 values) and the per-output-channel scales."""
+    q, scales = quantize_weight(weight)
+    packed = pack_bcsr(q.float(), block_rows)
+    packed.values = packed.values.to(torch.int8)
+    return packed, scales
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row dynamic symmetric int8, the same float32 arithmetic as es_qs8_quantize_rows:
+    (xq as float holding integers, scale [..., 1])."""
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(x * (1.0 / scale)).clamp(-127, 127), scale
+
+
 def unpack_bcsr(values, col_idx, row_ptr, block_rows: int, in_features: int, out_features: int) -> torch.Tensor:
     """The dense [out, in] weight (torch ops only, so it also traces for the eager op)."""
     blocks = row_ptr.numel() - 1

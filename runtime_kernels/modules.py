@@ -13,7 +13,7 @@ from torch import nn
 
 from edgesparse.recipe import Pattern
 from edgesparse.runtime_kernels import crossover, ops  # noqa: F401  (ops defines torch.ops.edgesparse.*)
-from edgesparse.runtime_kernels.formats import pack_bcsr
+from edgesparse.runtime_kernels.formats import pack_bcsr, pack_qs8_bcsr
 
 BLOCK_ROWS = (1, 2, 4, 8)
 
@@ -55,6 +55,29 @@ class SparseConv1x1(_BCSRModule):
 
     def output_shape(self, x):
         return (x.shape[0], self.out_features, x.shape[2], x.shape[3])
+
+
+class QSparseLinear(nn.Module):
+    """A pruned Linear as int8 BCSR (per-output-channel weight scales, per-row dynamic int8
+    activations, int32 sums), run by edgesparse::qs8_bcsr_linear."""
+
+    def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None, block_rows: int):
+        super().__init__()
+        packed, scales = pack_qs8_bcsr(weight2d, block_rows)
+        self.register_buffer("values", packed.values)
+        self.register_buffer("col_idx", packed.col_idx)
+        self.register_buffer("row_ptr", packed.row_ptr)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.block_rows, self.in_features, self.out_features = block_rows, packed.in_features, packed.out_features
+
+    @property
+    def kernel_name(self) -> str:
+        return f"edgesparse::qs8_bcsr_linear ({self.block_rows}x1, int8)"
+
+    def forward(self, x):
+        return torch.ops.edgesparse.qs8_bcsr_linear(x, self.values, self.col_idx, self.row_ptr, self.scales, self.bias,
+                                                    self.block_rows, self.in_features, self.out_features)
 
 
 class ActSparseLinear(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edgesparse.runtime_kernels.formats import unpack_bcsr
+from edgesparse.runtime_kernels.formats import quantize_rows, unpack_bcsr
 
 _ARGS = "Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? bias, int block_rows, int in_features, int out_features"
 _lib = torch.library.Library("edgesparse", "DEF")
@@ -65,6 +65,32 @@ def _actsparse_out(x, weight_t, bias, threshold, *, out):
 _lib.impl("actsparse_linear", _actsparse, "CompositeExplicitAutograd")
 _lib.impl("actsparse_linear.out", _actsparse_out, "CompositeExplicitAutograd")
 _lib.impl("actsparse_linear", lambda x, weight_t, bias, threshold: x.new_empty((*x.shape[:-1], weight_t.shape[1])), "Meta")
+
+# int8 BCSR linear: int8 values with per-output-channel scales, activations quantized per row
+# inside the op (dynamic). The eager version is the integer reference: exact int sums in float64.
+_Q_ARGS = ("Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor scales, Tensor? bias, "
+           "int block_rows, int in_features, int out_features")
+_lib.define(f"qs8_bcsr_linear({_Q_ARGS}) -> Tensor")
+_lib.define(f"qs8_bcsr_linear.out({_Q_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def _qs8_linear(x, values, col_idx, row_ptr, scales, bias, block_rows, in_features, out_features):
+    xq, x_scale = quantize_rows(x.float())
+    w_int = unpack_bcsr(values.double(), col_idx, row_ptr, block_rows, in_features, out_features)
+    acc = (xq.double() @ w_int.t()).float()
+    y = acc * (scales * x_scale)
+    return y if bias is None else y + bias
+
+
+def _qs8_linear_out(x, values, col_idx, row_ptr, scales, bias, block_rows, in_features, out_features, *, out):
+    result = _qs8_linear(x, values, col_idx, row_ptr, scales, bias, block_rows, in_features, out_features)
+    out.resize_(result.shape).copy_(result)
+    return out
+
+
+_lib.impl("qs8_bcsr_linear", _qs8_linear, "CompositeExplicitAutograd")
+_lib.impl("qs8_bcsr_linear.out", _qs8_linear_out, "CompositeExplicitAutograd")
+_lib.impl("qs8_bcsr_linear", lambda x, *args: x.new_empty((*x.shape[:-1], args[-1])), "Meta")
 
 for _name, _eager, _meta in (("bcsr_linear", _linear, _linear_meta), ("bcsr_conv1x1", _conv1x1, _conv1x1_meta)):
     _lib.impl(_name, _eager, "CompositeExplicitAutograd")

@@ -278,6 +278,32 @@ def test_activation_sparse_linear_matches_torch_everywhere(threshold, tmp_path):
     torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_int8_sparse_linear_matches_the_integer_reference(rows, tmp_path):
+    """The C quantizer equals torch's bit for bit (so the eager op is the integer reference the
+    C kernels are checked against, bit-exact, in kernel_test); the .pte equals the eager op; and
+    int8 stays close to the fp32 layer."""
+    from edgesparse.converters.executorch import load_method, lower, run_pte
+    from edgesparse.runtime_kernels.formats import quantize_rows
+    from edgesparse.runtime_kernels.modules import QSparseLinear
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 200, generator=gen) * 3
+    x[1] = 0  # an all-zero row: scale 1
+    xq, scale = capi.quantize_rows(x)
+    want_q, want_scale = quantize_rows(x)
+    assert torch.equal(xq.float(), want_q) and torch.equal(scale, want_scale.squeeze(1))
+
+    w, bias = sparse_weight(70, 200, rows, 0.15, gen), torch.randn(70, generator=gen)
+    module = QSparseLinear(w, bias, rows).eval()
+    eager = module(x)
+    path = tmp_path / "q.pte"
+    path.write_bytes(lower(module, (x,)).buffer)
+    torch.testing.assert_close(run_pte(load_method(path), (x,)), eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
+    dense = F.linear(x, w, bias)
+    assert F.cosine_similarity(eager.flatten(), dense.flatten(), dim=0) > 0.999
+
+
 def test_cpp_runner_rejects_bad_files(tmp_path):
     bad = tmp_path / "bad.pte"
     bad.write_bytes(b"\x00" * 100)

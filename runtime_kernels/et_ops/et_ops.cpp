@@ -7,6 +7,7 @@
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "edgesparse/kernels.h"
 
@@ -34,9 +35,10 @@ bool check_weights(KernelRuntimeContext& ctx, const Tensor& values, const Tensor
 // Split the row blocks across ExecuTorch's thread pool (the one XNNPACK uses, sized by
 // _unsafe_reset_threadpool / the app): chunks of at least ~16k multiply-adds, one chunk when small.
 template <typename Kernel>
-void for_row_blocks(const es_bcsr_f32& w, size_t rows_per_block_call, Kernel kernel) {
-  const int64_t blocks = static_cast<int64_t>(es_bcsr_row_blocks(&w));
-  const int64_t work = static_cast<int64_t>(w.row_ptr[blocks]) * static_cast<int64_t>(w.block_rows * rows_per_block_call);
+void for_row_blocks(size_t out_features, size_t block_rows, const int32_t* row_ptr, size_t rows_per_block_call,
+                    Kernel kernel) {
+  const int64_t blocks = static_cast<int64_t>((out_features + block_rows - 1) / block_rows);
+  const int64_t work = static_cast<int64_t>(row_ptr[blocks]) * static_cast<int64_t>(block_rows * rows_per_block_call);
   const int64_t grain = work <= 0 ? blocks : std::max<int64_t>(1, blocks * 16384 / work);
   executorch::extension::parallel_for(0, blocks, std::max<int64_t>(grain, 1), [&](int64_t b0, int64_t b1) {
     kernel(static_cast<size_t>(b0), static_cast<size_t>(b1));
@@ -72,7 +74,7 @@ Tensor& bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
   const size_t rows = static_cast<size_t>(x.numel() / in_features);
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
-  for_row_blocks(w, rows, [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, yp, b0, b1); });
+  for_row_blocks(w.out, w.block_rows, w.row_ptr, rows, [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, yp, b0, b1); });
   return out;
 }
 
@@ -97,7 +99,7 @@ Tensor& bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
   for (ssize_t n = 0; n < x.size(0); n++) {
     const float* xp = x.const_data_ptr<float>() + n * in_features * pixels;
     float* yp = out.mutable_data_ptr<float>() + n * out_features * pixels;
-    for_row_blocks(w, pixels, [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xp, yp, b0, b1); });
+    for_row_blocks(w.out, w.block_rows, w.row_ptr, pixels, [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xp, yp, b0, b1); });
   }
   return out;
 }
@@ -135,8 +137,50 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   return out;
 }
 
+// int8 BCSR linear: x [..., in] float, quantized per row here; threads split the row blocks.
+Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
+                            const Tensor& row_ptr, const Tensor& scales, const std::optional<Tensor>& bias,
+                            int64_t block_rows, int64_t in_features, int64_t out_features, Tensor& out) {
+  const int64_t blocks = block_rows >= 1 ? (out_features + block_rows - 1) / block_rows : -1;
+  const bool ok = values.scalar_type() == ScalarType::Char && col_idx.scalar_type() == ScalarType::Int &&
+                  row_ptr.scalar_type() == ScalarType::Int && row_ptr.numel() == blocks + 1 &&
+                  scales.scalar_type() == ScalarType::Float && scales.numel() == out_features &&
+                  (!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->numel() == out_features)) &&
+                  x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features;
+  if (!ok) {
+    ET_LOG(Error, "edgesparse::qs8_bcsr_linear: malformed int8 BCSR weights, scales, bias or input");
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  SizesType sizes[8];
+  for (ssize_t d = 0; d < x.dim(); d++) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = static_cast<SizesType>(out_features);
+  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const es_bcsr_qs8 w{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
+                      static_cast<size_t>(block_rows), values.const_data_ptr<int8_t>(),
+                      col_idx.const_data_ptr<int32_t>(), row_ptr.const_data_ptr<int32_t>(),
+                      scales.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+  const size_t rows = static_cast<size_t>(x.numel() / in_features);
+  thread_local std::vector<int8_t> xq;  // grows to the largest input seen, then is reused
+  thread_local std::vector<float> x_scale;
+  xq.resize(rows * w.in);
+  x_scale.resize(rows);
+  es_qs8_quantize_rows(rows, w.in, x.const_data_ptr<float>(), xq.data(), x_scale.data());
+  // plain pointers: inside the pool's threads the names xq / x_scale would be their own copies
+  const int8_t* xqp = xq.data();
+  const float* xsp = x_scale.data();
+  float* yp = out.mutable_data_ptr<float>();
+  for_row_blocks(w.out, w.block_rows, w.row_ptr, rows,
+                 [&](size_t b0, size_t b1) { es_qs8_bcsr_linear_blocks(&w, rows, xqp, xsp, yp, nullptr, b0, b1); });
+  return out;
+}
+
 }  // namespace
 
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_linear.out", bcsr_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1.out", bcsr_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);
+EXECUTORCH_LIBRARY(edgesparse, "qs8_bcsr_linear.out", qs8_bcsr_linear_out);

@@ -1,5 +1,6 @@
 /* One table of kernels drives dispatch, tests and benchmarks: adding an ISA is one row.
  * The best row this CPU supports is chosen once, at first use, from run-time CPU features. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "edgesparse/kernels.h"
@@ -14,10 +15,13 @@ typedef void (*es_kernel_fn)(const es_bcsr_f32*, size_t, const float*, float*, s
 /* the activation-sparse kernel computes the output columns [o0, o1) */
 typedef void (*es_actsparse_fn)(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t);
 
+typedef void (*es_qs8_fn)(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t);
+
 #define ES_DECLARE(isa)                                                                                \
   void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
   void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
-  void es_f32_actsparse_linear__##isa(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t);
+  void es_f32_actsparse_linear__##isa(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t); \
+  void es_qs8_bcsr_linear__##isa(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t);
 
 ES_DECLARE(scalar)
 #if defined(__x86_64__)
@@ -44,14 +48,19 @@ static const struct {
   es_kernel_fn linear;
   es_kernel_fn conv1x1;
   es_actsparse_fn actsparse;
+  es_qs8_fn qs8_linear;
 } es_table[] = {  /* best first */
 #if defined(__x86_64__)
-    {"avx512", es_f32_bcsr_linear__avx512, es_f32_bcsr_conv1x1_nchw__avx512, es_f32_actsparse_linear__avx512},
-    {"avx2", es_f32_bcsr_linear__avx2, es_f32_bcsr_conv1x1_nchw__avx2, es_f32_actsparse_linear__avx2},
+    {"avx512", es_f32_bcsr_linear__avx512, es_f32_bcsr_conv1x1_nchw__avx512, es_f32_actsparse_linear__avx512,
+     es_qs8_bcsr_linear__avx512},
+    {"avx2", es_f32_bcsr_linear__avx2, es_f32_bcsr_conv1x1_nchw__avx2, es_f32_actsparse_linear__avx2,
+     es_qs8_bcsr_linear__avx2},
 #elif defined(__aarch64__)
-    {"neon", es_f32_bcsr_linear__neon, es_f32_bcsr_conv1x1_nchw__neon, es_f32_actsparse_linear__neon},
+    {"neon", es_f32_bcsr_linear__neon, es_f32_bcsr_conv1x1_nchw__neon, es_f32_actsparse_linear__neon,
+     es_qs8_bcsr_linear__neon},
 #endif
-    {"scalar", es_f32_bcsr_linear__scalar, es_f32_bcsr_conv1x1_nchw__scalar, es_f32_actsparse_linear__scalar},
+    {"scalar", es_f32_bcsr_linear__scalar, es_f32_bcsr_conv1x1_nchw__scalar, es_f32_actsparse_linear__scalar,
+     es_qs8_bcsr_linear__scalar},
 };
 static const size_t es_rows = sizeof(es_table) / sizeof(es_table[0]);
 static int es_choice = -1;
@@ -99,4 +108,24 @@ void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, si
 
 void es_f32_actsparse_linear(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y) {
   es_f32_actsparse_linear_cols(w, threshold, n, x, y, 0, w->out);
+}
+
+void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq, const float* x_scale, float* y,
+                               int32_t* acc, size_t b0, size_t b1) {
+  es_table[es_select()].qs8_linear(w, n, xq, x_scale, y, acc, b0, b1);
+}
+
+int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y) {
+  int8_t* xq = malloc(n * w->in + 1);
+  float* x_scale = malloc((n + 1) * sizeof(float));
+  if (!xq || !x_scale) {
+    free(xq);
+    free(x_scale);
+    return -1;
+  }
+  es_qs8_quantize_rows(n, w->in, x, xq, x_scale);
+  es_qs8_bcsr_linear_blocks(w, n, xq, x_scale, y, NULL, 0, (w->out + w->block_rows - 1) / w->block_rows);
+  free(xq);
+  free(x_scale);
+  return 0;
 }

@@ -105,6 +105,64 @@ static void actsparse_tests(int* passed, int* failed) {
       }
 }
 
+/* int8 BCSR: int32 accumulators bit-exact against an integer reference (extreme values -128/127
+ * included), and the dequantized output against the same sums in double. */
+static void qs8_tests(int* passed, int* failed) {
+  const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 5}, {20, 1031, 7}};
+  const size_t block_rows[] = {1, 2, 4, 8};
+  const double densities[] = {0.0, 0.1, 0.5, 1.0};
+  for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+    for (size_t ri = 0; ri < 4; ri++)
+      for (size_t di = 0; di < 4; di++) {
+        size_t out = shapes[s][0], in = shapes[s][1], n = shapes[s][2], R = block_rows[ri];
+        packed p = make_weights(out, in, R, densities[di], (int)(di % 2));
+        size_t nnz = (size_t)p.ptr[(out + R - 1) / R];
+        int8_t* values = malloc(nnz * R + 1);
+        for (size_t i = 0; i < nnz * R; i++) /* extremes first, then the float values scaled */
+          values[i] = i == 0 ? -128 : i == 1 ? 127 : (int8_t)lrintf(p.values[i] * 127.0f);
+        int8_t* xq = malloc(n * in + 1);
+        float* xs = malloc(n * sizeof(float));
+        for (size_t i = 0; i < n * in; i++) xq[i] = i == 0 ? -127 : i == 1 ? 127 : (int8_t)lrintf(frand() * 127.0f);
+        for (size_t r = 0; r < n; r++) xs[r] = 0.01f + 0.001f * (float)r;
+        float* scales = malloc(out * sizeof(float));
+        float* bias = malloc(out * sizeof(float));
+        for (size_t o = 0; o < out; o++) { scales[o] = 0.002f * (1.0f + frand() * 0.5f); bias[o] = frand(); }
+        int64_t* want = calloc(n * out, sizeof(int64_t));
+        double* want_y = malloc(n * out * sizeof(double));
+        for (size_t row = 0; row < n; row++)
+          for (size_t b = 0; b < (out + R - 1) / R; b++)
+            for (int32_t k = p.ptr[b]; k < p.ptr[b + 1]; k++)
+              for (size_t r = 0; r < R && b * R + r < out; r++)
+                want[row * out + b * R + r] += (int64_t)values[(size_t)k * R + r] * xq[row * in + p.col[k]];
+        for (size_t i = 0; i < n * out; i++)
+          want_y[i] = (double)want[i] * scales[i % out] * xs[i / out] + bias[i % out];
+        int32_t* acc = malloc(n * out * sizeof(int32_t));
+        float* y = malloc(n * out * sizeof(float));
+        es_bcsr_qs8 w = {out, in, R, values, p.col, p.ptr, scales, bias};
+        size_t blocks = (out + R - 1) / R;
+        for (size_t isa = 0; isa < 4; isa++) {
+          if (es_force_isa(ISAS[isa]) != 0) continue;
+          char what[160];
+          memset(acc, 0x5a, n * out * sizeof(int32_t));
+          es_qs8_bcsr_linear_blocks(&w, n, xq, xs, NULL, acc, blocks / 2, blocks);
+          es_qs8_bcsr_linear_blocks(&w, n, xq, xs, NULL, acc, 0, blocks / 2);
+          int exact = 1;
+          for (size_t i = 0; i < n * out && exact; i++)
+            if (acc[i] != want[i]) {
+              printf("FAIL %s qs8 int32 out=%zu in=%zu n=%zu R=%zu: element %zu got %d want %lld\n", ISAS[isa], out, in, n, R, i, acc[i], (long long)want[i]);
+              exact = 0;
+            }
+          exact ? (*passed)++ : (*failed)++;
+          es_qs8_bcsr_linear_blocks(&w, n, xq, xs, y, NULL, 0, blocks);
+          snprintf(what, sizeof what, "%s qs8 f32 out=%zu in=%zu n=%zu R=%zu", ISAS[isa], out, in, n, R);
+          close_enough(y, want_y, n * out, what) ? (*passed)++ : (*failed)++;
+        }
+        es_force_isa(NULL);
+        free(p.values); free(p.col); free(p.ptr); free(p.dense); free(values); free(xq); free(xs);
+        free(scales); free(bias); free(want); free(want_y); free(acc); free(y);
+      }
+}
+
 int main(void) {
   const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 33}, {20, 12, 7}};
   const size_t block_rows[] = {1, 2, 4, 8};
@@ -179,6 +237,7 @@ int main(void) {
           free(xbuf); free(ybuf); free(want_lin); free(want_conv);
         }
   actsparse_tests(&passed, &failed);
+  qs8_tests(&passed, &failed);
   printf("dispatch picks: %s\n", es_f32_bcsr_isa());
   printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;

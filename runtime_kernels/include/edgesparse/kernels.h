@@ -58,6 +58,29 @@ void es_f32_actsparse_linear(const es_actsparse_f32* w, float threshold, size_t 
 void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y,
                                   size_t o0, size_t o1);
 
+/* int8 BCSR Rx1 linear (weights int8 with per-output-channel scales, activations int8 with a
+ * per-row dynamic scale, int32 accumulation): the same blocks as es_bcsr_f32, int8 values.
+ *   y[n, o] = (sum_k values * xq) * scales[o] * x_scale[n] + bias[o]
+ * Activations are quantized symmetrically per row: x_scale = max|x| / 127 (1 for an all-zero
+ * row), xq = clamp(round_half_even(x * (1 / x_scale)), -127, 127). */
+typedef struct {
+  size_t out;
+  size_t in;
+  size_t block_rows;      /* R in {1, 2, 4, 8} */
+  const int8_t* values;   /* nnz_blocks * R */
+  const int32_t* col_idx;
+  const int32_t* row_ptr;
+  const float* scales;    /* [out]: weight = values * scales[o] */
+  const float* bias;      /* [out] or NULL */
+} es_bcsr_qs8;
+
+void es_qs8_quantize_rows(size_t n, size_t in, const float* x, int8_t* xq, float* x_scale);
+/* row blocks [b0, b1) from pre-quantized rows; acc != NULL writes the int32 sums instead of y */
+void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq, const float* x_scale, float* y,
+                               int32_t* acc, size_t b0, size_t b1);
+/* quantize x [n, in] and run every row block; returns -1 if out of memory */
+int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y);
+
 /* Which implementation dispatch picked on this CPU: "scalar", "avx2", "avx512" or "neon". */
 const char* es_f32_bcsr_isa(void);
 
