@@ -30,7 +30,7 @@ def export(
     prune: Optional[float] = typer.Option(None, "--prune", help="target sparsity in [0, 1), e.g. 0.9"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="unstructured | block:RxC | nm:N:M | channel"),
     quant: Optional[str] = typer.Option(None, "--quant", help="none | int8 | int8-dynamic | int4w"),
-    fmt: str = typer.Option("pte", "--format", help="comma-separated formats (pte)"),
+    fmt: str = typer.Option("pte", "--format", help="comma-separated formats: pte, onnx (fp32)"),
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="gradual pruning over N fine-tune steps (built-in demos; 0 = one-shot)"),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="output folder"),
 ):

@@ -71,20 +71,28 @@ def export_model(
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
     record["example_input_shapes"] = [list(t.shape) for t in bundle.example_inputs]
     if swapped:
-        record["runtime_ops"] = {"library": runtime_kernels.ET_LIBRARY.name,
+        record["runtime_ops"] = {"library": runtime_kernels.ET_LIBRARY.name, "onnx_library": runtime_kernels.ORT_LIBRARY.name,
                                  "kernels": sorted({plan.kernel for plan in result.layers if plan.kernel != "dense-xnnpack"})}
     quantized = recipe.quant.mode != "none"
     with staging_dir(out_dir) as stage:
         for fmt in formats:
             entry = FORMATS[fmt](export_model_, bundle.example_inputs, stage / f"model.{fmt}",
                                  sample_inputs=bundle.verification_inputs(), quantized=quantized)
-            if bundle.evaluate and fmt == "pte" and _batch_one(bundle):
-                method = load_method(stage / entry["path"])
-                entry["accuracy"] = bundle.evaluate(_rowwise(lambda x: run_pte(method, (x,))))
+            if bundle.evaluate and _batch_one(bundle):  # score the artifact itself, in its runtime
+                entry["accuracy"] = bundle.evaluate(_rowwise(_artifact_predictor(fmt, stage / entry["path"])))
             record["artifacts"].append(entry)
         record["export_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(stage / "manifest.json", manifest_mod.validate(record))
     return record
+
+
+def _artifact_predictor(fmt: str, path: Path):
+    if fmt == "pte":
+        method = load_method(path)
+        return lambda x: run_pte(method, (x,))
+    session = runtime_kernels.ort_session(path)
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
 def _eager(model):
