@@ -157,3 +157,25 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("edgesparse: error: sparsity must be in [0, 1)")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_bench_kernels_quick_writes_the_issue_rows(tmp_path):
+    """`bench kernels --quick` (the real thing: every variant built and timed) and its JSON rows."""
+    import time
+
+    exe = [sys.executable, "-m", "edgesparse.cli"]
+    started = time.perf_counter()
+    proc = subprocess.run([*exe, "bench", "kernels", "--quick", "--json", str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.perf_counter() - started < 300
+    rows = json.loads((tmp_path / "b.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    keys = {"op", "pattern", "dtype", "sparsity", "shape", "threads", "ours_ms", "baseline", "baseline_ms", "speedup"}
+    assert all(keys <= row.keys() for row in rows)
+    assert {r["baseline"] for r in rows} == {"xnnpack-fp32", "xnnpack-int8", "onnxruntime-fp32"}
+    assert {r["op"] for r in rows} == {"linear", "conv1x1", "mlp"} and {r["dtype"] for r in rows} == {"float32", "int8"}
+    for row in rows:
+        assert row["threads"] == 1 and row["ours_ms"] > 0
+        assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ours_ms"])
