@@ -1,10 +1,10 @@
 """`edgesparse bench kernels`: our sparse ops against dense baselines, measured in one run.
 
 Every variant of a case is a one-layer program run through the same call of its runtime (the
-ExecuTorch Python runtime for dense XNNPACK fp32, dense XNNPACK int8 and our sparse .pte; ONNX
-Runtime for its MatMul/Conv), so call overhead is the same on both sides. Rounds interleave the
-variants (A, B, C, A, B, C, ...) so they see the same machine load, and each reported time is
-the median over rounds of per-round medians. One thread unless --threads says otherwise.
+ExecuTorch Python runtime for dense XNNPACK fp32, dense XNNPACK int8 and our sparse .pte, fp32 and,
+for linear layers, int8; ONNX Runtime for its MatMul/Conv), so call overhead is the same on both
+sides. Rounds interleave the variants (A, B, C, A, B, C, ...) so they see the same machine load,
+and each reported time is the median over rounds of per-round medians. One thread unless --threads says otherwise.
 """
 
 from __future__ import annotations
