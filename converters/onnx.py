@@ -1,10 +1,9 @@
 """ONNX export: torch.onnx (dynamo) -> .onnx, verified in ONNX Runtime against eager torch.
 
 Layers swapped for edgesparse kernels become `ai.edgesparse` nodes (BcsrLinear, BcsrConv1x1,
-ActSparseLinear)
-holding the packed weights as initializers; ONNX Runtime runs them once the edgesparse op library
-is registered, which `edgesparse.ort_session(path)` does. fp32 only for now: int8 QDQ export comes
-with the converters work.
+ActSparseLinear) holding the packed weights as initializers; ONNX Runtime runs them once the
+edgesparse op library is registered, which `edgesparse.ort_session(path)` does. fp32 only for
+now: int8 QDQ export comes with the converters work.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from torch import nn
 from edgesparse import _progress
 from edgesparse._io import atomic_path, sha256_file
 from edgesparse.converters import verify
-from edgesparse.errors import EdgesparseError
+from edgesparse.errors import EdgesparseError, first_line
 
 
 def export_onnx(model: nn.Module, example_inputs: tuple, dest: str | Path, *, sample_inputs: list[tuple], quantized: bool) -> dict:
@@ -38,7 +37,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple, dest: str | Path, *, sa
             try:
                 program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, external_data=False, verbose=False)
             except Exception as exc:
-                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                first = first_line(exc)
                 raise EdgesparseError(f"torch.onnx could not export the model: {first}") from None
             program.save(str(tmp))
         with _progress.status(f"verifying {dest.name} in ONNX Runtime"):

@@ -15,3 +15,8 @@ class EdgesparseError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of a library's (often multi-page) error, for a one-line message."""
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from edgesparse.errors import EdgesparseError
+from edgesparse.errors import EdgesparseError, first_line
 from edgesparse.recipe import QuantConfig
 
 
@@ -30,7 +30,7 @@ def capture(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedPro
         with contextlib.redirect_stderr(io.StringIO()):
             return torch.export.export(model, tuple(example_inputs))
     except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        first = first_line(exc)
         raise EdgesparseError(
             f"torch.export could not capture the model: {type(exc).__name__}: {first}",
             hint="remove data-dependent control flow or export it yourself and pass the .pt2",

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgesparse.errors import EdgesparseError
+from edgesparse.errors import EdgesparseError, first_line
 
 SOURCE_DIR = Path(__file__).resolve().parent
 BUILD_DIR = SOURCE_DIR / "build"
@@ -69,7 +69,7 @@ def ort_session(path, threads: int = 1):
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        first = first_line(exc)
         hint = "build the edgesparse op library with `make kernels`" if "edgesparse" in first and not ORT_LIBRARY.is_file() else None
         raise EdgesparseError(f"ONNX Runtime could not load {Path(path).name}: {first}", hint=hint) from None
 

@@ -13,9 +13,18 @@ from torch import nn
 
 from edgesparse.recipe import Pattern
 from edgesparse.runtime_kernels import crossover, ops  # noqa: F401  (ops defines torch.ops.edgesparse.*)
-from edgesparse.runtime_kernels.formats import pack_bcsr, pack_qs8_bcsr
+from edgesparse.runtime_kernels.formats import BCSR, pack_bcsr, pack_qs8_bcsr
 
 BLOCK_ROWS = (1, 2, 4, 8)
+
+
+def _hold_bcsr(module: nn.Module, packed: BCSR, bias: torch.Tensor | None) -> None:
+    """The packed weights and bias as buffers (they travel into the .pte / .onnx), and the shape."""
+    module.register_buffer("values", packed.values)
+    module.register_buffer("col_idx", packed.col_idx)
+    module.register_buffer("row_ptr", packed.row_ptr)
+    module.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+    module.block_rows, module.in_features, module.out_features = packed.block_rows, packed.in_features, packed.out_features
 
 
 class _BCSRModule(nn.Module):
@@ -23,12 +32,7 @@ class _BCSRModule(nn.Module):
 
     def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None, block_rows: int):
         super().__init__()
-        packed = pack_bcsr(weight2d, block_rows)
-        self.register_buffer("values", packed.values)
-        self.register_buffer("col_idx", packed.col_idx)
-        self.register_buffer("row_ptr", packed.row_ptr)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.block_rows, self.in_features, self.out_features = block_rows, packed.in_features, packed.out_features
+        _hold_bcsr(self, pack_bcsr(weight2d, block_rows), bias)
 
     @property
     def kernel_name(self) -> str:
@@ -64,12 +68,8 @@ class QSparseLinear(nn.Module):
     def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None, block_rows: int):
         super().__init__()
         packed, scales = pack_qs8_bcsr(weight2d, block_rows)
-        self.register_buffer("values", packed.values)
-        self.register_buffer("col_idx", packed.col_idx)
-        self.register_buffer("row_ptr", packed.row_ptr)
+        _hold_bcsr(self, packed, bias)
         self.register_buffer("scales", scales)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.block_rows, self.in_features, self.out_features = block_rows, packed.in_features, packed.out_features
 
     @property
     def kernel_name(self) -> str:

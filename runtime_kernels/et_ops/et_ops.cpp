@@ -19,9 +19,12 @@ using executorch::aten::Tensor;
 using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
 
+// BCSR operands: `values` of the given dtype (Float, or Char for int8), int32 indices, a row_ptr
+// with one entry per row block plus one, and an optional float bias [out_features].
 bool check_weights(KernelRuntimeContext& ctx, const Tensor& values, const Tensor& col_idx, const Tensor& row_ptr,
-                   const std::optional<Tensor>& bias, int64_t block_rows, int64_t out_features) {
-  const bool ok = values.scalar_type() == ScalarType::Float && col_idx.scalar_type() == ScalarType::Int &&
+                   const std::optional<Tensor>& bias, int64_t block_rows, int64_t out_features,
+                   ScalarType values_type = ScalarType::Float) {
+  const bool ok = values.scalar_type() == values_type && col_idx.scalar_type() == ScalarType::Int &&
                   row_ptr.scalar_type() == ScalarType::Int && block_rows >= 1 &&
                   row_ptr.numel() == (out_features + block_rows - 1) / block_rows + 1 &&
                   (!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->numel() == out_features));
@@ -30,6 +33,22 @@ bool check_weights(KernelRuntimeContext& ctx, const Tensor& values, const Tensor
     ctx.fail(Error::InvalidArgument);
   }
   return ok;
+}
+
+// out = x's shape with the last dimension replaced by `last` (every linear-like op here).
+bool resize_last_dim(KernelRuntimeContext& ctx, const Tensor& x, int64_t last, Tensor& out) {
+  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
+  if (x.dim() < 1 || x.dim() > static_cast<ssize_t>(executorch::runtime::kTensorDimensionLimit)) {
+    ctx.fail(Error::InvalidArgument);
+    return false;
+  }
+  for (ssize_t d = 0; d < x.dim(); d++) sizes[d] = x.size(d);
+  sizes[x.dim() - 1] = static_cast<SizesType>(last);
+  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return false;
+  }
+  return true;
 }
 
 // Split the row blocks across ExecuTorch's thread pool (the one XNNPACK uses, sized by
@@ -63,13 +82,7 @@ Tensor& bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  SizesType sizes[8];
-  for (ssize_t d = 0; d < x.dim(); d++) sizes[d] = x.size(d);
-  sizes[x.dim() - 1] = static_cast<SizesType>(out_features);
-  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok) {
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
+  if (!resize_last_dim(ctx, x, out_features, out)) return out;
   const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, in_features, out_features);
   const size_t rows = static_cast<size_t>(x.numel() / in_features);
   const float* xp = x.const_data_ptr<float>();
@@ -115,13 +128,7 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  SizesType sizes[8];
-  for (ssize_t d = 0; d < x.dim(); d++) sizes[d] = x.size(d);
-  sizes[x.dim() - 1] = weight_t.size(1);
-  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok) {
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
+  if (!resize_last_dim(ctx, x, weight_t.size(1), out)) return out;
   const es_actsparse_f32 w{static_cast<size_t>(weight_t.size(1)), static_cast<size_t>(weight_t.size(0)),
                            weight_t.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
   const size_t rows = static_cast<size_t>(x.numel() / weight_t.size(0));
@@ -141,24 +148,15 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
 Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
                             const Tensor& row_ptr, const Tensor& scales, const std::optional<Tensor>& bias,
                             int64_t block_rows, int64_t in_features, int64_t out_features, Tensor& out) {
-  const int64_t blocks = block_rows >= 1 ? (out_features + block_rows - 1) / block_rows : -1;
-  const bool ok = values.scalar_type() == ScalarType::Char && col_idx.scalar_type() == ScalarType::Int &&
-                  row_ptr.scalar_type() == ScalarType::Int && row_ptr.numel() == blocks + 1 &&
-                  scales.scalar_type() == ScalarType::Float && scales.numel() == out_features &&
-                  (!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->numel() == out_features)) &&
-                  x.scalar_type() == ScalarType::Float && x.dim() >= 1 && x.size(x.dim() - 1) == in_features;
-  if (!ok) {
-    ET_LOG(Error, "edgesparse::qs8_bcsr_linear: malformed int8 BCSR weights, scales, bias or input");
+  if (!check_weights(ctx, values, col_idx, row_ptr, bias, block_rows, out_features, ScalarType::Char)) return out;
+  if (scales.scalar_type() != ScalarType::Float || scales.numel() != out_features || x.scalar_type() != ScalarType::Float ||
+      x.dim() < 1 || x.size(x.dim() - 1) != in_features) {
+    ET_LOG(Error, "edgesparse::qs8_bcsr_linear: scales must be float [out], input float with last dim %lld",
+           (long long)in_features);
     ctx.fail(Error::InvalidArgument);
     return out;
   }
-  SizesType sizes[8];
-  for (ssize_t d = 0; d < x.dim(); d++) sizes[d] = x.size(d);
-  sizes[x.dim() - 1] = static_cast<SizesType>(out_features);
-  if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != Error::Ok) {
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
+  if (!resize_last_dim(ctx, x, out_features, out)) return out;
   const es_bcsr_qs8 w{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
                       static_cast<size_t>(block_rows), values.const_data_ptr<int8_t>(),
                       col_idx.const_data_ptr<int32_t>(), row_ptr.const_data_ptr<int32_t>(),
