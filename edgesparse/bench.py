@@ -54,9 +54,10 @@ def cases(quick: bool) -> list[Case]:
         # larger than this CPU's L3 in fp32 (235 MB): the DRAM-bound case phones live in
         layers.append(("linear", 4096, 14336, 1))
     sparsities = (0.7, 0.9) if quick else (0.5, 0.7, 0.8, 0.9, 0.95)
-    patterns = ("block:4x1", "unstructured") if quick else ("block:4x1", "block:8x1", "unstructured")
+    patterns = ("block:4x1", "block:1x4", "unstructured") if quick else ("block:4x1", "block:8x1", "block:1x4", "unstructured")
     weight_sparse = [Case(op, i, o, r, p, s) for op, i, o, r in layers for p in patterns for s in sparsities
                      if not (quick and p == "unstructured" and s != 0.9)]
+    weight_sparse += [Case(op, i, o, r, "nm:2:4", 0.5) for op, i, o, r in layers]  # 2:4 is 50% by construction
     mlp_sparsities = (0.5, 0.9) if quick else (0.5, 0.7, 0.9)
     return weight_sparse + [Case("mlp", 1024, 4096, 1, "activation", s) for s in mlp_sparsities]
 
@@ -91,20 +92,21 @@ def _layer(case: Case) -> nn.Module:
 
 
 def _sparse(layer: nn.Module, case: Case, x: torch.Tensor) -> nn.Module:
-    from edgesparse.runtime_kernels.modules import SparseConv1x1, SparseLinear, block_rows_for
+    from edgesparse.runtime_kernels.modules import sparse_module
 
     if case.op == "mlp":
         return _activation_sparse(layer, case, x)
-    rows = block_rows_for(Pattern.parse(case.pattern))
-    if case.op == "linear":
-        return SparseLinear(layer.weight, layer.bias, rows)
-    return SparseConv1x1(layer.weight.reshape(case.out, case.inp), layer.bias, rows)
+    return sparse_module(case.op, Pattern.parse(case.pattern), layer.weight.reshape(case.out, case.inp), layer.bias)
 
 
-def _sparse_int8(layer: nn.Module, case: Case) -> nn.Module:
-    from edgesparse.runtime_kernels.modules import QSparseLinear, block_rows_for
+def _sparse_int8(layer: nn.Module, case: Case) -> nn.Module | None:
+    """The int8 sparse linear (BCSR Rx1 blocks only), or None."""
+    from edgesparse.runtime_kernels.modules import QSparseLinear, block_shape_for
 
-    return QSparseLinear(layer.weight, layer.bias, block_rows_for(Pattern.parse(case.pattern)))
+    shape = block_shape_for(Pattern.parse(case.pattern))
+    if case.op != "linear" or shape is None or shape[1] != 1:
+        return None
+    return QSparseLinear(layer.weight, layer.bias, shape[0])
 
 
 def _pte_runner(module: nn.Module, x: torch.Tensor, folder: Path, name: str, quant: str = "none"):
@@ -192,8 +194,8 @@ def bench_kernels(quick: bool = False, threads: int = 1, rounds: int | None = No
                 "xnnpack-int8": _pte_runner(layer, x, folder, f"int8_{index}", "int8" if case.op == "conv1x1" else "int8-dynamic")[0],
                 "onnxruntime-fp32": _ort_runner(layer, case, x, threads),
             }
-            if case.op == "linear":  # int8 sparse against int8 dense
-                variants["ours-int8"] = _pte_runner(_sparse_int8(layer, case), x, folder, f"qsparse{index}")[0]
+            if (int8 := _sparse_int8(layer, case)) is not None:  # int8 sparse against int8 dense
+                variants["ours-int8"] = _pte_runner(int8, x, folder, f"qsparse{index}")[0]
             per_round = {name: [] for name in variants}
             for _ in range(rounds):
                 for name, fn in variants.items():

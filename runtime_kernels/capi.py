@@ -7,7 +7,7 @@ import ctypes
 import torch
 
 from edgesparse.runtime_kernels import C_LIBRARY
-from edgesparse.runtime_kernels.formats import BCSR
+from edgesparse.runtime_kernels.formats import BCSR, NM
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 _i32p = ctypes.POINTER(ctypes.c_int32)
@@ -15,7 +15,13 @@ _i32p = ctypes.POINTER(ctypes.c_int32)
 
 class _Weights(ctypes.Structure):
     _fields_ = [("out", ctypes.c_size_t), ("in_", ctypes.c_size_t), ("block_rows", ctypes.c_size_t),
-                ("values", _f32p), ("col_idx", _i32p), ("row_ptr", _i32p), ("bias", _f32p)]
+                ("block_cols", ctypes.c_size_t), ("values", _f32p), ("col_idx", _i32p), ("row_ptr", _i32p),
+                ("bias", _f32p)]
+
+
+class _NM(ctypes.Structure):
+    _fields_ = [("out", ctypes.c_size_t), ("in_", ctypes.c_size_t), ("n", ctypes.c_size_t), ("m", ctypes.c_size_t),
+                ("values", _f32p), ("idx", ctypes.POINTER(ctypes.c_uint8)), ("bias", _f32p)]
 
 
 class _ActSparse(ctypes.Structure):
@@ -38,25 +44,36 @@ def _ptr(t: torch.Tensor, kind):
     return ctypes.cast(t.data_ptr(), kind)
 
 
-def weights(packed: BCSR, bias: torch.Tensor | None) -> _Weights:
-    return _Weights(packed.out_features, packed.in_features, packed.block_rows, _ptr(packed.values, _f32p),
-                    _ptr(packed.col_idx, _i32p), _ptr(packed.row_ptr, _i32p), _ptr(bias, _f32p) if bias is not None else None)
+def weights(packed: BCSR | NM, bias: torch.Tensor | None):
+    bias_ptr = _ptr(bias, _f32p) if bias is not None else None
+    if isinstance(packed, NM):
+        return _NM(packed.out_features, packed.in_features, packed.n, packed.m, _ptr(packed.values, _f32p),
+                   ctypes.cast(packed.idx.data_ptr(), ctypes.POINTER(ctypes.c_uint8)), bias_ptr)
+    return _Weights(packed.out_features, packed.in_features, packed.block_rows, packed.block_cols,
+                    _ptr(packed.values, _f32p), _ptr(packed.col_idx, _i32p), _ptr(packed.row_ptr, _i32p), bias_ptr)
 
 
-def linear(packed: BCSR, bias, x: torch.Tensor) -> torch.Tensor:
+def _family(packed: BCSR | NM) -> str:
+    return "es_f32_nm" if isinstance(packed, NM) else "es_f32_bcsr"
+
+
+def linear(packed: BCSR | NM, bias, x: torch.Tensor) -> torch.Tensor:
+    """x [n, in] -> y [n, out] (BCSR or N:M weights)"""
     x = x.contiguous().float()
     y = torch.empty(*x.shape[:-1], packed.out_features)
     w = weights(packed, bias)
-    lib().es_f32_bcsr_linear(ctypes.byref(w), ctypes.c_size_t(x.numel() // packed.in_features), _ptr(x, _f32p), _ptr(y, _f32p))
+    getattr(lib(), f"{_family(packed)}_linear")(ctypes.byref(w), ctypes.c_size_t(x.numel() // packed.in_features),
+                                                 _ptr(x, _f32p), _ptr(y, _f32p))
     return y
 
 
-def conv1x1_nchw(packed: BCSR, bias, x: torch.Tensor) -> torch.Tensor:
+def conv1x1_nchw(packed: BCSR | NM, bias, x: torch.Tensor) -> torch.Tensor:
     """x [in, pixels] -> y [out, pixels]"""
     x = x.contiguous().float()
     y = torch.empty(packed.out_features, x.shape[1])
     w = weights(packed, bias)
-    lib().es_f32_bcsr_conv1x1_nchw(ctypes.byref(w), ctypes.c_size_t(x.shape[1]), _ptr(x, _f32p), _ptr(y, _f32p))
+    getattr(lib(), f"{_family(packed)}_conv1x1_nchw")(ctypes.byref(w), ctypes.c_size_t(x.shape[1]), _ptr(x, _f32p),
+                                                       _ptr(y, _f32p))
     return y
 
 

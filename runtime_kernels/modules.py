@@ -1,7 +1,7 @@
 """Modules that call the edgesparse:: ops, and the factory export uses to swap layers for them.
 
-A layer is swapped when its pattern has a kernel (block Rx1 with R in {1, 2, 4, 8}, or
-unstructured as R = 1), it is fp32, it is a Linear or a 1x1 stride-1 unpadded Conv2d, and its
+A layer is swapped when its pattern has a kernel (block Rx1 with R in {1, 2, 4, 8}, block 1xC
+with C in {2, 4, 8, 16}, unstructured as 1x1, or N:M), it is fp32, it is a Linear or a 1x1 stride-1 unpadded Conv2d, and its
 sparsity reaches the measured crossover for its shape (crossover.py); otherwise it stays dense in
 XNNPACK, and its plan says why.
 """
@@ -13,9 +13,9 @@ from torch import nn
 
 from edgesparse.recipe import Pattern
 from edgesparse.runtime_kernels import crossover, ops  # noqa: F401  (ops defines torch.ops.edgesparse.*)
-from edgesparse.runtime_kernels.formats import BCSR, pack_bcsr, pack_qs8_bcsr
+from edgesparse.runtime_kernels.formats import BCSR, pack_bcsr, pack_nm, pack_qs8_bcsr
 
-BLOCK_ROWS = (1, 2, 4, 8)
+BLOCK_SHAPES = {(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (1, 8), (1, 16)}
 
 
 def _hold_bcsr(module: nn.Module, packed: BCSR, bias: torch.Tensor | None) -> None:
@@ -24,41 +24,77 @@ def _hold_bcsr(module: nn.Module, packed: BCSR, bias: torch.Tensor | None) -> No
     module.register_buffer("col_idx", packed.col_idx)
     module.register_buffer("row_ptr", packed.row_ptr)
     module.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-    module.block_rows, module.in_features, module.out_features = packed.block_rows, packed.in_features, packed.out_features
+    module.block_rows, module.block_cols = packed.block_rows, packed.block_cols
+    module.in_features, module.out_features = packed.in_features, packed.out_features
 
 
-class _BCSRModule(nn.Module):
-    op = None
+class _SparseModule(nn.Module):
+    """Calls `op` in torch / ExecuTorch and emits `ai.edgesparse::<onnx_op>` under torch.onnx, with
+    the tensors named in `operands` and the integer attributes named in `attrs`."""
 
-    def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None, block_rows: int):
+    op = op_name = onnx_op = None
+    operands: tuple[str, ...] = ()
+    attrs: tuple[str, ...] = ()
+    conv = False
+
+    def output_shape(self, x):
+        if self.conv:
+            return (x.shape[0], self.out_features, x.shape[2], x.shape[3])
+        return (*x.shape[:-1], self.out_features)
+
+    def forward(self, x):
+        tensors = tuple(getattr(self, name) for name in self.operands)
+        attrs = {name: getattr(self, name) for name in self.attrs}
+        if torch.onnx.is_in_onnx_export():  # an ai.edgesparse node, run by the ONNX Runtime op library
+            return torch.onnx.ops.symbolic(f"ai.edgesparse::{self.onnx_op}", (x, *tensors), attrs,
+                                           dtype=x.dtype, shape=self.output_shape(x), version=1)
+        return self.op(x, *tensors, *attrs.values())
+
+
+class _BCSRModule(_SparseModule):
+    operands = ("values", "col_idx", "row_ptr", "bias")
+    attrs = ("block_rows", "block_cols", "in_features", "out_features")
+
+    def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None, block_rows: int, block_cols: int = 1):
         super().__init__()
-        _hold_bcsr(self, pack_bcsr(weight2d, block_rows), bias)
+        _hold_bcsr(self, pack_bcsr(weight2d, block_rows, block_cols), bias)
 
     @property
     def kernel_name(self) -> str:
-        return f"edgesparse::{self.op_name} ({self.block_rows}x1, f32)"
-
-    def forward(self, x):
-        if torch.onnx.is_in_onnx_export():  # an ai.edgesparse node, run by the ONNX Runtime op library
-            return torch.onnx.ops.symbolic(
-                f"ai.edgesparse::{self.onnx_op}", (x, self.values, self.col_idx, self.row_ptr, self.bias),
-                {"block_rows": self.block_rows, "in_features": self.in_features, "out_features": self.out_features},
-                dtype=x.dtype, shape=self.output_shape(x), version=1)
-        return self.op(x, self.values, self.col_idx, self.row_ptr, self.bias, self.block_rows, self.in_features, self.out_features)
+        return f"edgesparse::{self.op_name} ({self.block_rows}x{self.block_cols}, f32)"
 
 
 class SparseLinear(_BCSRModule):
     op, op_name, onnx_op = torch.ops.edgesparse.bcsr_linear, "bcsr_linear", "BcsrLinear"
 
-    def output_shape(self, x):
-        return (*x.shape[:-1], self.out_features)
-
 
 class SparseConv1x1(_BCSRModule):
-    op, op_name, onnx_op = torch.ops.edgesparse.bcsr_conv1x1, "bcsr_conv1x1", "BcsrConv1x1"
+    op, op_name, onnx_op, conv = torch.ops.edgesparse.bcsr_conv1x1, "bcsr_conv1x1", "BcsrConv1x1", True
 
-    def output_shape(self, x):
-        return (x.shape[0], self.out_features, x.shape[2], x.shape[3])
+
+class _NMModule(_SparseModule):
+    operands = ("values", "idx", "bias")
+    attrs = ("n", "m", "in_features", "out_features")
+
+    def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None, n: int, m: int):
+        super().__init__()
+        packed = pack_nm(weight2d, n, m)
+        self.register_buffer("values", packed.values)
+        self.register_buffer("idx", packed.idx)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.n, self.m, self.in_features, self.out_features = n, m, packed.in_features, packed.out_features
+
+    @property
+    def kernel_name(self) -> str:
+        return f"edgesparse::{self.op_name} ({self.n}:{self.m}, f32)"
+
+
+class NMLinear(_NMModule):
+    op, op_name, onnx_op = torch.ops.edgesparse.nm_linear, "nm_linear", "NmLinear"
+
+
+class NMConv1x1(_NMModule):
+    op, op_name, onnx_op, conv = torch.ops.edgesparse.nm_conv1x1, "nm_conv1x1", "NmConv1x1", True
 
 
 class QSparseLinear(nn.Module):
@@ -102,12 +138,26 @@ class ActSparseLinear(nn.Module):
         return torch.ops.edgesparse.actsparse_linear(x, self.weight_t, self.bias, self.threshold)
 
 
-def block_rows_for(pattern: Pattern) -> int | None:
+def block_shape_for(pattern: Pattern) -> tuple[int, int] | None:
+    """The BCSR block (R, C) a pattern packs into, or None when BCSR has no kernel for it."""
     if pattern.kind == "unstructured":
-        return 1
-    if pattern.kind == "block" and pattern.cols == 1 and pattern.rows in BLOCK_ROWS:
-        return pattern.rows
+        return (1, 1)
+    if pattern.kind == "block" and (pattern.rows, pattern.cols) in BLOCK_SHAPES:
+        return (pattern.rows, pattern.cols)
     return None
+
+
+def sparse_module(op: str, pattern: Pattern, weight2d: torch.Tensor, bias: torch.Tensor | None) -> nn.Module | None:
+    """The fp32 sparse module for a Linear ("linear") or 1x1 conv ("conv1x1") pruned to `pattern`,
+    or None if no kernel runs that pattern (or this shape: 1xC needs in % C == 0, N:M in % M == 0)."""
+    if pattern.kind == "nm":
+        if pattern.m > 255 or weight2d.shape[1] % pattern.m:
+            return None
+        return (NMLinear if op == "linear" else NMConv1x1)(weight2d, bias, pattern.n, pattern.m)
+    shape = block_shape_for(pattern)
+    if shape is None or weight2d.shape[1] % shape[1]:
+        return None
+    return (SparseLinear if op == "linear" else SparseConv1x1)(weight2d, bias, *shape)
 
 
 def _op_of(module: nn.Module) -> str | None:
@@ -120,8 +170,8 @@ def _op_of(module: nn.Module) -> str | None:
 
 
 def swap_factory(module: nn.Module, plan) -> nn.Module | None:
-    rows, op = block_rows_for(Pattern.parse(plan.pattern)), _op_of(module)
-    if rows is None or op is None:
+    op = _op_of(module)
+    if op is None:
         return None
     weight = module.weight.reshape(module.weight.shape[0], -1)
     threshold, source = crossover.min_sparsity(op, plan.pattern, plan.activation_rows, weight.shape[1], weight.shape[0])
@@ -129,12 +179,14 @@ def swap_factory(module: nn.Module, plan) -> nn.Module | None:
         plan.reason = (f"dense XNNPACK was faster at every measured sparsity ({source})" if threshold is None
                        else f"below the {threshold:.0%} sparsity where the sparse kernel wins ({source})")
         return None
-    plan.reason = f"sparse from {threshold:.0%} ({source})"
-    return (SparseLinear if op == "linear" else SparseConv1x1)(weight, module.bias, rows)
+    replacement = sparse_module(op, Pattern.parse(plan.pattern), weight, module.bias)
+    plan.reason = (f"sparse from {threshold:.0%} ({source})" if replacement is not None
+                   else f"no sparse kernel runs {plan.pattern} on a {weight.shape[0]}x{weight.shape[1]} weight")
+    return replacement
 
 
 def register() -> None:
     from edgesparse.converters.sparse_swap import register_kernel
 
-    for kind in ("block", "unstructured"):
-        register_kernel(kind, "float32", "edgesparse-bcsr", swap_factory)
+    for kind in ("block", "unstructured", "nm"):
+        register_kernel(kind, "float32", "edgesparse-sparse", swap_factory)

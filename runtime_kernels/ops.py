@@ -2,7 +2,8 @@
 
 Each op has the functional form, the `.out` form ExecuTorch's emitter looks up, an eager
 implementation (dense reconstruction: slow, for debugging and as the reference) and a Meta
-implementation (shapes only, for export). The ExecuTorch kernels are in et_ops/et_ops.cpp.
+implementation (shapes only, for export). The ExecuTorch kernels are in et_ops/et_ops.cpp; the
+argument order there must match these schemas.
 """
 
 from __future__ import annotations
@@ -10,70 +11,69 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edgesparse.runtime_kernels.formats import quantize_rows, unpack_bcsr
+from edgesparse.runtime_kernels.formats import quantize_rows, unpack_bcsr, unpack_nm
 
-_ARGS = "Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? bias, int block_rows, int in_features, int out_features"
 _lib = torch.library.Library("edgesparse", "DEF")
-for _name in ("bcsr_linear", "bcsr_conv1x1"):
-    _lib.define(f"{_name}({_ARGS}) -> Tensor")
-    _lib.define(f"{_name}.out({_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
 
-def _linear(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features):
-    return F.linear(x, unpack_bcsr(values, col_idx, row_ptr, block_rows, in_features, out_features), bias)
+def _define(name: str, args: str, eager, out_features) -> None:
+    """Schema, `.out` variant, eager and Meta implementations of one op. `out_features(x, *args)`
+    gives the output's last dimension (linear-like ops) or channels (NCHW convs, name *_conv1x1)."""
+    _lib.define(f"{name}({args}) -> Tensor")
+    _lib.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def out_variant(*a, out):
+        result = eager(*a)
+        out.resize_(result.shape).copy_(result)
+        return out
+
+    def meta(x, *a):
+        if name.endswith("conv1x1"):
+            return x.new_empty((x.shape[0], out_features(x, *a), x.shape[2], x.shape[3]))
+        return x.new_empty((*x.shape[:-1], out_features(x, *a)))
+
+    _lib.impl(name, eager, "CompositeExplicitAutograd")
+    _lib.impl(f"{name}.out", out_variant, "CompositeExplicitAutograd")
+    _lib.impl(name, meta, "Meta")
 
 
-def _conv1x1(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features):
-    weight = unpack_bcsr(values, col_idx, row_ptr, block_rows, in_features, out_features)
+def _conv(x, weight, bias):
     return F.conv2d(x, weight[:, :, None, None], bias)
 
 
-def _linear_meta(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features):
-    return x.new_empty((*x.shape[:-1], out_features))
+# BCSR RxC (formats.py): linear and 1x1 conv (NCHW).
+_BCSR = ("Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? bias, int block_rows, int block_cols, "
+         "int in_features, int out_features")
 
 
-def _conv1x1_meta(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features):
-    return x.new_empty((x.shape[0], out_features, x.shape[2], x.shape[3]))
+def _bcsr_weight(values, col_idx, row_ptr, block_rows, block_cols, in_features, out_features):
+    return unpack_bcsr(values, col_idx, row_ptr, block_rows, in_features, out_features, block_cols)
 
 
-def _out_variant(fn):
-    def impl(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features, *, out):
-        result = fn(x, values, col_idx, row_ptr, bias, block_rows, in_features, out_features)
-        out.resize_(result.shape).copy_(result)
-        return out
-    return impl
+_define("bcsr_linear", _BCSR, lambda x, v, c, r, bias, *shape: F.linear(x, _bcsr_weight(v, c, r, *shape), bias),
+        lambda x, *a: a[-1])
+_define("bcsr_conv1x1", _BCSR, lambda x, v, c, r, bias, *shape: _conv(x, _bcsr_weight(v, c, r, *shape), bias),
+        lambda x, *a: a[-1])
+
+# N:M (formats.py): float values and uint8 positions [out, in / m * n].
+_NM = "Tensor x, Tensor values, Tensor idx, Tensor? bias, int n, int m, int in_features, int out_features"
+_define("nm_linear", _NM, lambda x, v, i, bias, *shape: F.linear(x, unpack_nm(v, i, *shape), bias), lambda x, *a: a[-1])
+_define("nm_conv1x1", _NM, lambda x, v, i, bias, *shape: _conv(x, unpack_nm(v, i, *shape), bias), lambda x, *a: a[-1])
 
 
 # Activation-sparse linear (TEAL / CATS): weight_t is [in, out]; inputs with |x| <= threshold
 # contribute nothing. The eager version is the reference: mask, then a dense matmul.
-_AS_ARGS = "Tensor x, Tensor weight_t, Tensor? bias, float threshold"
-_lib.define(f"actsparse_linear({_AS_ARGS}) -> Tensor")
-_lib.define(f"actsparse_linear.out({_AS_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
-
-
 def _actsparse(x, weight_t, bias, threshold):
     y = torch.where(x.abs() > threshold, x, torch.zeros_like(x)) @ weight_t
     return y if bias is None else y + bias
 
 
-def _actsparse_out(x, weight_t, bias, threshold, *, out):
-    result = _actsparse(x, weight_t, bias, threshold)
-    out.resize_(result.shape).copy_(result)
-    return out
+_define("actsparse_linear", "Tensor x, Tensor weight_t, Tensor? bias, float threshold", _actsparse,
+        lambda x, weight_t, *a: weight_t.shape[1])
 
 
-_lib.impl("actsparse_linear", _actsparse, "CompositeExplicitAutograd")
-_lib.impl("actsparse_linear.out", _actsparse_out, "CompositeExplicitAutograd")
-_lib.impl("actsparse_linear", lambda x, weight_t, bias, threshold: x.new_empty((*x.shape[:-1], weight_t.shape[1])), "Meta")
-
-# int8 BCSR linear: int8 values with per-output-channel scales, activations quantized per row
+# int8 BCSR Rx1 linear: int8 values with per-output-channel scales, activations quantized per row
 # inside the op (dynamic). The eager version is the integer reference: exact int sums in float64.
-_Q_ARGS = ("Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor scales, Tensor? bias, "
-           "int block_rows, int in_features, int out_features")
-_lib.define(f"qs8_bcsr_linear({_Q_ARGS}) -> Tensor")
-_lib.define(f"qs8_bcsr_linear.out({_Q_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
-
-
 def _qs8_linear(x, values, col_idx, row_ptr, scales, bias, block_rows, in_features, out_features):
     xq, x_scale = quantize_rows(x.float())
     w_int = unpack_bcsr(values.double(), col_idx, row_ptr, block_rows, in_features, out_features)
@@ -82,17 +82,5 @@ def _qs8_linear(x, values, col_idx, row_ptr, scales, bias, block_rows, in_featur
     return y if bias is None else y + bias
 
 
-def _qs8_linear_out(x, values, col_idx, row_ptr, scales, bias, block_rows, in_features, out_features, *, out):
-    result = _qs8_linear(x, values, col_idx, row_ptr, scales, bias, block_rows, in_features, out_features)
-    out.resize_(result.shape).copy_(result)
-    return out
-
-
-_lib.impl("qs8_bcsr_linear", _qs8_linear, "CompositeExplicitAutograd")
-_lib.impl("qs8_bcsr_linear.out", _qs8_linear_out, "CompositeExplicitAutograd")
-_lib.impl("qs8_bcsr_linear", lambda x, *args: x.new_empty((*x.shape[:-1], args[-1])), "Meta")
-
-for _name, _eager, _meta in (("bcsr_linear", _linear, _linear_meta), ("bcsr_conv1x1", _conv1x1, _conv1x1_meta)):
-    _lib.impl(_name, _eager, "CompositeExplicitAutograd")
-    _lib.impl(f"{_name}.out", _out_variant(_eager), "CompositeExplicitAutograd")
-    _lib.impl(_name, _meta, "Meta")
+_define("qs8_bcsr_linear", "Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor scales, Tensor? bias, "
+        "int block_rows, int in_features, int out_features", _qs8_linear, lambda x, *a: a[-1])

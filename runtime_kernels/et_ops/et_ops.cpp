@@ -19,20 +19,43 @@ using executorch::aten::Tensor;
 using executorch::runtime::Error;
 using executorch::runtime::KernelRuntimeContext;
 
-// BCSR operands: `values` of the given dtype (Float, or Char for int8), int32 indices, a row_ptr
-// with one entry per row block plus one, and an optional float bias [out_features].
-bool check_weights(KernelRuntimeContext& ctx, const Tensor& values, const Tensor& col_idx, const Tensor& row_ptr,
-                   const std::optional<Tensor>& bias, int64_t block_rows, int64_t out_features,
-                   ScalarType values_type = ScalarType::Float) {
-  const bool ok = values.scalar_type() == values_type && col_idx.scalar_type() == ScalarType::Int &&
-                  row_ptr.scalar_type() == ScalarType::Int && block_rows >= 1 &&
-                  row_ptr.numel() == (out_features + block_rows - 1) / block_rows + 1 &&
-                  (!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->numel() == out_features));
-  if (!ok) {
-    ET_LOG(Error, "edgesparse: malformed BCSR weights or bias");
-    ctx.fail(Error::InvalidArgument);
-  }
-  return ok;
+bool fail(KernelRuntimeContext& ctx, const char* op, const char* why) {
+  ET_LOG(Error, "edgesparse::%s: %s", op, why);
+  ctx.fail(Error::InvalidArgument);
+  return false;
+}
+
+// BCSR operands: `values` of the given dtype (Float, or Char for int8), int32 indices whose sizes
+// agree (es_bcsr_check), an optional float bias [out_features], and x [..., in] (or NCHW) float.
+bool check_weights(KernelRuntimeContext& ctx, const char* op, const Tensor& values, const Tensor& col_idx,
+                   const Tensor& row_ptr, const std::optional<Tensor>& bias, int64_t block_rows, int64_t block_cols,
+                   int64_t in_features, int64_t out_features, ScalarType values_type = ScalarType::Float) {
+  if (values.scalar_type() != values_type || col_idx.scalar_type() != ScalarType::Int ||
+      row_ptr.scalar_type() != ScalarType::Int || block_rows < 1 || block_cols < 1 || in_features < 1 ||
+      out_features < 1 || row_ptr.numel() < 1)
+    return fail(ctx, op, "malformed BCSR weights (values, int32 col_idx / row_ptr, positive sizes)");
+  if (const char* why = es_bcsr_check(out_features, in_features, block_rows, block_cols,
+                                      row_ptr.const_data_ptr<int32_t>(), row_ptr.numel(), col_idx.numel(), values.numel()))
+    return fail(ctx, op, why);
+  if (bias.has_value() && (bias->scalar_type() != ScalarType::Float || bias->numel() != out_features))
+    return fail(ctx, op, "bias must be float [out_features]");
+  return true;
+}
+
+bool check_input(KernelRuntimeContext& ctx, const char* op, const Tensor& x, int64_t in_features, bool nchw) {
+  const bool ok = x.scalar_type() == ScalarType::Float &&
+                  (nchw ? x.dim() == 4 && x.size(1) == in_features : x.dim() >= 1 && x.size(x.dim() - 1) == in_features);
+  return ok || fail(ctx, op, nchw ? "input must be float NCHW with in_features channels"
+                                  : "input must be float with last dim in_features");
+}
+
+// out = [N, out_features, H, W] for x [N, in, H, W]
+bool resize_nchw(KernelRuntimeContext& ctx, const Tensor& x, int64_t out_features, Tensor& out) {
+  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(out_features),
+                        static_cast<SizesType>(x.size(2)), static_cast<SizesType>(x.size(3))};
+  if (executorch::runtime::resize_tensor(out, {sizes, 4}) == Error::Ok) return true;
+  ctx.fail(Error::InvalidArgument);
+  return false;
 }
 
 // out = x's shape with the last dimension replaced by `last` (every linear-like op here).
@@ -53,11 +76,9 @@ bool resize_last_dim(KernelRuntimeContext& ctx, const Tensor& x, int64_t last, T
 
 // Split the row blocks across ExecuTorch's thread pool (the one XNNPACK uses, sized by
 // _unsafe_reset_threadpool / the app): chunks of at least ~16k multiply-adds, one chunk when small.
+// `work` is the multiply-adds of the whole call.
 template <typename Kernel>
-void for_row_blocks(size_t out_features, size_t block_rows, const int32_t* row_ptr, size_t rows_per_block_call,
-                    Kernel kernel) {
-  const int64_t blocks = static_cast<int64_t>((out_features + block_rows - 1) / block_rows);
-  const int64_t work = static_cast<int64_t>(row_ptr[blocks]) * static_cast<int64_t>(block_rows * rows_per_block_call);
+void for_row_blocks(int64_t blocks, int64_t work, Kernel kernel) {
   const int64_t grain = work <= 0 ? blocks : std::max<int64_t>(1, blocks * 16384 / work);
   executorch::extension::parallel_for(0, blocks, std::max<int64_t>(grain, 1), [&](int64_t b0, int64_t b1) {
     kernel(static_cast<size_t>(b0), static_cast<size_t>(b1));
@@ -65,54 +86,99 @@ void for_row_blocks(size_t out_features, size_t block_rows, const int32_t* row_p
 }
 
 es_bcsr_f32 describe(const Tensor& values, const Tensor& col_idx, const Tensor& row_ptr,
-                     const std::optional<Tensor>& bias, int64_t block_rows, int64_t in_features, int64_t out_features) {
+                     const std::optional<Tensor>& bias, int64_t block_rows, int64_t block_cols, int64_t in_features,
+                     int64_t out_features) {
   return es_bcsr_f32{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
-                     static_cast<size_t>(block_rows), values.const_data_ptr<float>(),
+                     static_cast<size_t>(block_rows), static_cast<size_t>(block_cols), values.const_data_ptr<float>(),
                      col_idx.const_data_ptr<int32_t>(), row_ptr.const_data_ptr<int32_t>(),
                      bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+}
+
+// the row blocks of w and the multiply-adds of one call over `rows` input rows (or pixels)
+int64_t row_blocks(const es_bcsr_f32& w) { return static_cast<int64_t>(es_bcsr_row_blocks(&w)); }
+int64_t bcsr_work(const es_bcsr_f32& w, size_t rows) {
+  return static_cast<int64_t>(w.row_ptr[row_blocks(w)]) * static_cast<int64_t>(w.block_rows * w.block_cols * rows);
 }
 
 // y[..., out] = W x[..., in] + bias
 Tensor& bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
                         const Tensor& row_ptr, const std::optional<Tensor>& bias, int64_t block_rows,
-                        int64_t in_features, int64_t out_features, Tensor& out) {
-  if (!check_weights(ctx, values, col_idx, row_ptr, bias, block_rows, out_features)) return out;
-  if (x.scalar_type() != ScalarType::Float || x.dim() < 1 || x.size(x.dim() - 1) != in_features) {
-    ET_LOG(Error, "edgesparse::bcsr_linear: input must be float with last dim %lld", (long long)in_features);
-    ctx.fail(Error::InvalidArgument);
+                        int64_t block_cols, int64_t in_features, int64_t out_features, Tensor& out) {
+  if (!check_weights(ctx, "bcsr_linear", values, col_idx, row_ptr, bias, block_rows, block_cols, in_features, out_features) ||
+      !check_input(ctx, "bcsr_linear", x, in_features, false) || !resize_last_dim(ctx, x, out_features, out))
     return out;
-  }
-  if (!resize_last_dim(ctx, x, out_features, out)) return out;
-  const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, in_features, out_features);
+  const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, block_cols, in_features, out_features);
   const size_t rows = static_cast<size_t>(x.numel() / in_features);
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
-  for_row_blocks(w.out, w.block_rows, w.row_ptr, rows, [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, yp, b0, b1); });
+  for_row_blocks(row_blocks(w), bcsr_work(w, rows), [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, yp, b0, b1); });
   return out;
 }
 
 // 1x1 convolution, NCHW: x [N, in, H, W] -> out [N, out, H, W]
 Tensor& bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
                          const Tensor& row_ptr, const std::optional<Tensor>& bias, int64_t block_rows,
-                         int64_t in_features, int64_t out_features, Tensor& out) {
-  if (!check_weights(ctx, values, col_idx, row_ptr, bias, block_rows, out_features)) return out;
-  if (x.scalar_type() != ScalarType::Float || x.dim() != 4 || x.size(1) != in_features) {
-    ET_LOG(Error, "edgesparse::bcsr_conv1x1: input must be float NCHW with %lld channels", (long long)in_features);
-    ctx.fail(Error::InvalidArgument);
+                         int64_t block_cols, int64_t in_features, int64_t out_features, Tensor& out) {
+  if (!check_weights(ctx, "bcsr_conv1x1", values, col_idx, row_ptr, bias, block_rows, block_cols, in_features, out_features) ||
+      !check_input(ctx, "bcsr_conv1x1", x, in_features, true) || !resize_nchw(ctx, x, out_features, out))
     return out;
-  }
-  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(out_features),
-                        static_cast<SizesType>(x.size(2)), static_cast<SizesType>(x.size(3))};
-  if (executorch::runtime::resize_tensor(out, {sizes, 4}) != Error::Ok) {
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
-  const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, in_features, out_features);
+  const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, block_cols, in_features, out_features);
   const size_t pixels = static_cast<size_t>(x.size(2) * x.size(3));
   for (ssize_t n = 0; n < x.size(0); n++) {
     const float* xp = x.const_data_ptr<float>() + n * in_features * pixels;
     float* yp = out.mutable_data_ptr<float>() + n * out_features * pixels;
-    for_row_blocks(w.out, w.block_rows, w.row_ptr, pixels, [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xp, yp, b0, b1); });
+    for_row_blocks(row_blocks(w), bcsr_work(w, pixels), [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xp, yp, b0, b1); });
+  }
+  return out;
+}
+
+// N:M operands: float values and uint8 positions [out, in / m * n], optional float bias [out].
+bool check_nm(KernelRuntimeContext& ctx, const char* op, const Tensor& values, const Tensor& idx,
+              const std::optional<Tensor>& bias, int64_t n, int64_t m, int64_t in_features, int64_t out_features) {
+  if (values.scalar_type() != ScalarType::Float || idx.scalar_type() != ScalarType::Byte || n < 1 || m < 1 ||
+      in_features < 1 || out_features < 1)
+    return fail(ctx, op, "malformed N:M weights (float values, uint8 idx, positive sizes)");
+  if (const char* why = es_nm_check(out_features, in_features, n, m, values.numel(), idx.numel())) return fail(ctx, op, why);
+  if (bias.has_value() && (bias->scalar_type() != ScalarType::Float || bias->numel() != out_features))
+    return fail(ctx, op, "bias must be float [out_features]");
+  return true;
+}
+
+es_nm_f32 describe_nm(const Tensor& values, const Tensor& idx, const std::optional<Tensor>& bias, int64_t n, int64_t m,
+                      int64_t in_features, int64_t out_features) {
+  return es_nm_f32{static_cast<size_t>(out_features), static_cast<size_t>(in_features), static_cast<size_t>(n),
+                   static_cast<size_t>(m), values.const_data_ptr<float>(), idx.const_data_ptr<uint8_t>(),
+                   bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+}
+
+Tensor& nm_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& idx,
+                      const std::optional<Tensor>& bias, int64_t n, int64_t m, int64_t in_features,
+                      int64_t out_features, Tensor& out) {
+  if (!check_nm(ctx, "nm_linear", values, idx, bias, n, m, in_features, out_features) ||
+      !check_input(ctx, "nm_linear", x, in_features, false) || !resize_last_dim(ctx, x, out_features, out))
+    return out;
+  const es_nm_f32 w = describe_nm(values, idx, bias, n, m, in_features, out_features);
+  const size_t rows = static_cast<size_t>(x.numel() / in_features);
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  for_row_blocks(out_features, values.numel() * static_cast<int64_t>(rows),
+                 [&](size_t o0, size_t o1) { es_f32_nm_linear_outs(&w, rows, xp, yp, o0, o1); });
+  return out;
+}
+
+Tensor& nm_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& idx,
+                       const std::optional<Tensor>& bias, int64_t n, int64_t m, int64_t in_features,
+                       int64_t out_features, Tensor& out) {
+  if (!check_nm(ctx, "nm_conv1x1", values, idx, bias, n, m, in_features, out_features) ||
+      !check_input(ctx, "nm_conv1x1", x, in_features, true) || !resize_nchw(ctx, x, out_features, out))
+    return out;
+  const es_nm_f32 w = describe_nm(values, idx, bias, n, m, in_features, out_features);
+  const size_t pixels = static_cast<size_t>(x.size(2) * x.size(3));
+  for (ssize_t i = 0; i < x.size(0); i++) {
+    const float* xp = x.const_data_ptr<float>() + i * in_features * pixels;
+    float* yp = out.mutable_data_ptr<float>() + i * out_features * pixels;
+    for_row_blocks(out_features, values.numel() * static_cast<int64_t>(pixels),
+                   [&](size_t o0, size_t o1) { es_f32_nm_conv1x1_nchw_outs(&w, pixels, xp, yp, o0, o1); });
   }
   return out;
 }
@@ -124,8 +190,7 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
                   weight_t.dim() == 2 && x.dim() >= 1 && x.size(x.dim() - 1) == weight_t.size(0) &&
                   (!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->numel() == weight_t.size(1)));
   if (!ok) {
-    ET_LOG(Error, "edgesparse::actsparse_linear: float x [..., in], weight_t [in, out], bias [out] expected");
-    ctx.fail(Error::InvalidArgument);
+    fail(ctx, "actsparse_linear", "float x [..., in], weight_t [in, out], bias [out] expected");
     return out;
   }
   if (!resize_last_dim(ctx, x, weight_t.size(1), out)) return out;
@@ -148,12 +213,12 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
 Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
                             const Tensor& row_ptr, const Tensor& scales, const std::optional<Tensor>& bias,
                             int64_t block_rows, int64_t in_features, int64_t out_features, Tensor& out) {
-  if (!check_weights(ctx, values, col_idx, row_ptr, bias, block_rows, out_features, ScalarType::Char)) return out;
-  if (scales.scalar_type() != ScalarType::Float || scales.numel() != out_features || x.scalar_type() != ScalarType::Float ||
-      x.dim() < 1 || x.size(x.dim() - 1) != in_features) {
-    ET_LOG(Error, "edgesparse::qs8_bcsr_linear: scales must be float [out], input float with last dim %lld",
-           (long long)in_features);
-    ctx.fail(Error::InvalidArgument);
+  const char* op = "qs8_bcsr_linear";
+  if (!check_weights(ctx, op, values, col_idx, row_ptr, bias, block_rows, 1, in_features, out_features, ScalarType::Char) ||
+      !check_input(ctx, op, x, in_features, false))
+    return out;
+  if (scales.scalar_type() != ScalarType::Float || scales.numel() != out_features) {
+    fail(ctx, op, "scales must be float [out_features]");
     return out;
   }
   if (!resize_last_dim(ctx, x, out_features, out)) return out;
@@ -171,7 +236,8 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   const int8_t* xqp = xq.data();
   const float* xsp = x_scale.data();
   float* yp = out.mutable_data_ptr<float>();
-  for_row_blocks(w.out, w.block_rows, w.row_ptr, rows,
+  const int64_t blocks = static_cast<int64_t>((w.out + w.block_rows - 1) / w.block_rows);
+  for_row_blocks(blocks, static_cast<int64_t>(w.row_ptr[blocks]) * static_cast<int64_t>(w.block_rows * rows),
                  [&](size_t b0, size_t b1) { es_qs8_bcsr_linear_blocks(&w, rows, xqp, xsp, yp, nullptr, b0, b1); });
   return out;
 }
@@ -180,5 +246,7 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
 
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_linear.out", bcsr_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1.out", bcsr_conv1x1_out);
+EXECUTORCH_LIBRARY(edgesparse, "nm_linear.out", nm_linear_out);
+EXECUTORCH_LIBRARY(edgesparse, "nm_conv1x1.out", nm_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_bcsr_linear.out", qs8_bcsr_linear_out);

@@ -21,7 +21,7 @@ struct OrtCustomOpDomain;
 struct OrtSessionOptions;
 struct OrtTensorTypeAndShapeInfo;
 
-enum ONNXTensorElementDataType { ORT_FLOAT = 1, ORT_INT32 = 6, ORT_INT64 = 7 };
+enum ONNXTensorElementDataType { ORT_FLOAT = 1, ORT_UINT8 = 2, ORT_INT32 = 6, ORT_INT64 = 7 };
 enum OrtErrorCode { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
 enum OrtCustomOpInputOutputCharacteristic { ORT_REQUIRED = 0, ORT_OPTIONAL = 1 };
 enum OrtMemType { OrtMemTypeDefault = 0 };

@@ -1,6 +1,8 @@
 // ONNX Runtime custom-op library for the edgesparse kernels, domain "ai.edgesparse":
-//   BcsrLinear(x, values, col_idx, row_ptr, bias?)  attrs block_rows, in_features, out_features
+//   BcsrLinear(x, values, col_idx, row_ptr, bias?)  attrs block_rows, block_cols (default 1), in_features, out_features
 //   BcsrConv1x1(x, values, col_idx, row_ptr, bias?) same attrs, x in NCHW
+//   NmLinear(x, values, idx, bias?)                 attrs n, m, in_features, out_features
+//   NmConv1x1(x, values, idx, bias?)                same attrs, x in NCHW
 //   ActSparseLinear(x, weight_t, bias?)             attr threshold
 // The nodes are what torch.onnx emits for edgesparse's sparse modules (runtime_kernels/modules.py).
 // Load with SessionOptions.register_custom_ops_library(path) or edgesparse.ort_session(path).
@@ -71,10 +73,15 @@ OrtStatus* output(OrtKernelContext* ctx, const std::vector<int64_t>& dims, float
   return g_api.call<GetTensorMutableDataFn>(GetTensorMutableData, value, reinterpret_cast<void**>(data));
 }
 
-// ---- the three ops -------------------------------------------------------------------------
+// ---- the ops -------------------------------------------------------------------------------
 
 struct BcsrKernel {
-  int64_t block_rows = 0, in_features = 0, out_features = 0;
+  int64_t block_rows = 0, block_cols = 1, in_features = 0, out_features = 0;
+  bool conv = false;
+};
+
+struct NmKernel {
+  int64_t n = 0, m = 0, in_features = 0, out_features = 0;
   bool conv = false;
 };
 
@@ -82,71 +89,108 @@ struct ActSparseKernel {
   float threshold = 0.0f;
 };
 
-// Shared checks of the BCSR operands; fills `w`.
-OrtStatus* bcsr_weights(const BcsrKernel& k, OrtKernelContext* ctx, es_bcsr_f32* w) {
-  View values, col_idx, row_ptr, bias;
+OrtStatus* optional_bias(OrtKernelContext* ctx, size_t index, int64_t out_features, const float** data) {
+  View bias;
   bool has_bias = false;
+  ES_ORT_TRY(input(ctx, index, &bias, &has_bias));
+  if (has_bias && (bias.type != ORT_FLOAT || bias.numel() != out_features))
+    return error("edgesparse: bias must be float [out_features]");
+  *data = has_bias ? static_cast<const float*>(bias.data) : nullptr;
+  return nullptr;
+}
+
+// Checks of the BCSR operands (es_bcsr_check, shared with the ExecuTorch ops); fills `w`.
+OrtStatus* bcsr_weights(const BcsrKernel& k, OrtKernelContext* ctx, es_bcsr_f32* w) {
+  View values, col_idx, row_ptr;
+  const float* bias = nullptr;
   ES_ORT_TRY(input(ctx, 1, &values));
   ES_ORT_TRY(input(ctx, 2, &col_idx));
   ES_ORT_TRY(input(ctx, 3, &row_ptr));
-  ES_ORT_TRY(input(ctx, 4, &bias, &has_bias));
-  const int64_t blocks = (k.out_features + k.block_rows - 1) / k.block_rows;
-  if (values.type != ORT_FLOAT || col_idx.type != ORT_INT32 || row_ptr.type != ORT_INT32 || row_ptr.numel() != blocks + 1)
-    return error("edgesparse: malformed BCSR weights (values float, col_idx/row_ptr int32, row_ptr of out/block_rows+1)");
-  const int64_t nnz = static_cast<const int32_t*>(row_ptr.data)[blocks];
-  if (nnz < 0 || col_idx.numel() < nnz || values.numel() < nnz * k.block_rows)
-    return error("edgesparse: BCSR row_ptr does not match col_idx / values");
-  if (has_bias && (bias.type != ORT_FLOAT || bias.numel() != k.out_features))
-    return error("edgesparse: bias must be float [out_features]");
+  ES_ORT_TRY(optional_bias(ctx, 4, k.out_features, &bias));
+  if (values.type != ORT_FLOAT || col_idx.type != ORT_INT32 || row_ptr.type != ORT_INT32 || row_ptr.numel() < 1)
+    return error("edgesparse: malformed BCSR weights (values float, col_idx / row_ptr int32)");
+  if (const char* why = es_bcsr_check(k.out_features, k.in_features, k.block_rows, k.block_cols,
+                                      static_cast<const int32_t*>(row_ptr.data), row_ptr.numel(), col_idx.numel(), values.numel()))
+    return error(std::string("edgesparse: ") + why);
   *w = es_bcsr_f32{static_cast<size_t>(k.out_features), static_cast<size_t>(k.in_features),
-                   static_cast<size_t>(k.block_rows), static_cast<const float*>(values.data),
-                   static_cast<const int32_t*>(col_idx.data), static_cast<const int32_t*>(row_ptr.data),
-                   has_bias ? static_cast<const float*>(bias.data) : nullptr};
+                   static_cast<size_t>(k.block_rows), static_cast<size_t>(k.block_cols),
+                   static_cast<const float*>(values.data), static_cast<const int32_t*>(col_idx.data),
+                   static_cast<const int32_t*>(row_ptr.data), bias};
   return nullptr;
+}
+
+// The output of a linear-like (x [..., in]) or NCHW conv op; y points at its data.
+OrtStatus* prepare(OrtKernelContext* ctx, const View& x, bool conv, int64_t in_features, int64_t out_features, float** y) {
+  if (x.type != ORT_FLOAT) return error("edgesparse: x must be float");
+  std::vector<int64_t> dims = x.dims;
+  if (conv) {
+    if (x.dims.size() != 4 || x.dims[1] != in_features)
+      return error("edgesparse: conv input must be NCHW with " + std::to_string(in_features) + " channels");
+    dims[1] = out_features;
+  } else {
+    if (x.dims.empty() || x.dims.back() != in_features)
+      return error("edgesparse: linear input must end in " + std::to_string(in_features) + " features");
+    dims.back() = out_features;
+  }
+  return output(ctx, dims, y);
 }
 
 OrtStatus* bcsr_compute(const BcsrKernel& k, OrtKernelContext* ctx) {
   View x;
   es_bcsr_f32 w;
+  float* y = nullptr;
   ES_ORT_TRY(input(ctx, 0, &x));
   ES_ORT_TRY(bcsr_weights(k, ctx, &w));
-  if (x.type != ORT_FLOAT) return error("edgesparse: x must be float");
-  std::vector<int64_t> dims = x.dims;
-  float* y = nullptr;
+  ES_ORT_TRY(prepare(ctx, x, k.conv, k.in_features, k.out_features, &y));
+  const float* xp = static_cast<const float*>(x.data);
   if (k.conv) {
-    if (x.dims.size() != 4 || x.dims[1] != k.in_features)
-      return error("edgesparse::BcsrConv1x1: x must be NCHW with " + std::to_string(k.in_features) + " channels");
-    dims[1] = k.out_features;
-    ES_ORT_TRY(output(ctx, dims, &y));
     const size_t pixels = static_cast<size_t>(x.dims[2] * x.dims[3]);
     for (int64_t n = 0; n < x.dims[0]; n++)
-      es_f32_bcsr_conv1x1_nchw(&w, pixels, static_cast<const float*>(x.data) + n * k.in_features * pixels,
-                               y + n * k.out_features * pixels);
+      es_f32_bcsr_conv1x1_nchw(&w, pixels, xp + n * k.in_features * pixels, y + n * k.out_features * pixels);
   } else {
-    if (x.dims.empty() || x.dims.back() != k.in_features)
-      return error("edgesparse::BcsrLinear: x must end in " + std::to_string(k.in_features) + " features");
-    dims.back() = k.out_features;
-    ES_ORT_TRY(output(ctx, dims, &y));
-    es_f32_bcsr_linear(&w, static_cast<size_t>(x.numel() / k.in_features), static_cast<const float*>(x.data), y);
+    es_f32_bcsr_linear(&w, static_cast<size_t>(x.numel() / k.in_features), xp, y);
+  }
+  return nullptr;
+}
+
+OrtStatus* nm_compute(const NmKernel& k, OrtKernelContext* ctx) {
+  View x, values, idx;
+  const float* bias = nullptr;
+  float* y = nullptr;
+  ES_ORT_TRY(input(ctx, 0, &x));
+  ES_ORT_TRY(input(ctx, 1, &values));
+  ES_ORT_TRY(input(ctx, 2, &idx));
+  ES_ORT_TRY(optional_bias(ctx, 3, k.out_features, &bias));
+  if (values.type != ORT_FLOAT || idx.type != ORT_UINT8) return error("edgesparse: N:M values must be float, idx uint8");
+  if (const char* why = es_nm_check(k.out_features, k.in_features, k.n, k.m, values.numel(), idx.numel()))
+    return error(std::string("edgesparse: ") + why);
+  ES_ORT_TRY(prepare(ctx, x, k.conv, k.in_features, k.out_features, &y));
+  const es_nm_f32 w{static_cast<size_t>(k.out_features), static_cast<size_t>(k.in_features), static_cast<size_t>(k.n),
+                    static_cast<size_t>(k.m), static_cast<const float*>(values.data),
+                    static_cast<const uint8_t*>(idx.data), bias};
+  const float* xp = static_cast<const float*>(x.data);
+  if (k.conv) {
+    const size_t pixels = static_cast<size_t>(x.dims[2] * x.dims[3]);
+    for (int64_t n = 0; n < x.dims[0]; n++)
+      es_f32_nm_conv1x1_nchw(&w, pixels, xp + n * k.in_features * pixels, y + n * k.out_features * pixels);
+  } else {
+    es_f32_nm_linear(&w, static_cast<size_t>(x.numel() / k.in_features), xp, y);
   }
   return nullptr;
 }
 
 OrtStatus* actsparse_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
-  View x, wt, bias;
-  bool has_bias = false;
+  View x, wt;
+  const float* bias = nullptr;
+  float* y = nullptr;
   ES_ORT_TRY(input(ctx, 0, &x));
   ES_ORT_TRY(input(ctx, 1, &wt));
-  ES_ORT_TRY(input(ctx, 2, &bias, &has_bias));
-  if (x.type != ORT_FLOAT || wt.type != ORT_FLOAT || wt.dims.size() != 2 || x.dims.empty() || x.dims.back() != wt.dims[0] ||
-      (has_bias && (bias.type != ORT_FLOAT || bias.numel() != wt.dims[1])))
+  if (wt.type != ORT_FLOAT || wt.dims.size() != 2)
     return error("edgesparse::ActSparseLinear: float x [..., in], weight_t [in, out], bias [out] expected");
-  std::vector<int64_t> dims = x.dims;
-  dims.back() = wt.dims[1];
-  float* y = nullptr;
-  ES_ORT_TRY(output(ctx, dims, &y));
+  ES_ORT_TRY(optional_bias(ctx, 2, wt.dims[1], &bias));
+  ES_ORT_TRY(prepare(ctx, x, false, wt.dims[0], wt.dims[1], &y));
   const es_actsparse_f32 w{static_cast<size_t>(wt.dims[1]), static_cast<size_t>(wt.dims[0]),
-                           static_cast<const float*>(wt.data), has_bias ? static_cast<const float*>(bias.data) : nullptr};
+                           static_cast<const float*>(wt.data), bias};
   es_f32_actsparse_linear(&w, k.threshold, static_cast<size_t>(x.numel() / wt.dims[0]), static_cast<const float*>(x.data), y);
   return nullptr;
 }
@@ -167,20 +211,43 @@ struct OpDef {  // standard layout, `op` first: ORT hands back &op and def() rec
 
 const OpDef& def(const OrtCustomOp* op) { return *reinterpret_cast<const OpDef*>(op); }
 
-OrtStatus* create_bcsr(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
-  auto* k = new BcsrKernel;
-  k->conv = std::string(def(op).name) == "BcsrConv1x1";
-  OrtStatus* status = int_attr(info, "block_rows", &k->block_rows);
+// an int attribute that may be absent (older exports): `fallback` then
+OrtStatus* int_attr_or(const OrtKernelInfo* info, const char* name, int64_t fallback, int64_t* out) {
+  if (OrtStatus* status = int_attr(info, name, out)) {
+    g_api.call<ReleaseStatusFn>(ReleaseStatus, status);
+    *out = fallback;
+  }
+  return nullptr;
+}
+
+// Creates kernel K, reading its attributes with `read`; `conv` from the op name.
+template <typename K, typename Read>
+OrtStatus* create_with(const OrtCustomOp* op, const OrtKernelInfo* info, void** kernel, Read read) {
+  auto* k = new K;
+  k->conv = std::string(def(op).name).find("Conv1x1") != std::string::npos;
+  OrtStatus* status = read(*k);
   if (!status) status = int_attr(info, "in_features", &k->in_features);
   if (!status) status = int_attr(info, "out_features", &k->out_features);
-  if (!status && (k->block_rows < 1 || k->in_features < 1 || k->out_features < 1))
-    status = error("edgesparse: block_rows, in_features and out_features must be positive");
   if (status) {
     delete k;
     return status;
   }
   *kernel = k;
   return nullptr;
+}
+
+OrtStatus* create_bcsr(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  return create_with<BcsrKernel>(op, info, kernel, [&](BcsrKernel& k) {
+    OrtStatus* status = int_attr(info, "block_rows", &k.block_rows);
+    return status ? status : int_attr_or(info, "block_cols", 1, &k.block_cols);
+  });
+}
+
+OrtStatus* create_nm(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  return create_with<NmKernel>(op, info, kernel, [&](NmKernel& k) {
+    OrtStatus* status = int_attr(info, "n", &k.n);
+    return status ? status : int_attr(info, "m", &k.m);
+  });
 }
 
 OrtStatus* create_actsparse(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
@@ -217,15 +284,19 @@ OrtCustomOp make_op(OrtStatus* (*create)(const OrtCustomOp*, const OrtApi*, cons
 }
 
 OrtStatus* compute_bcsr(void* k, OrtKernelContext* ctx) { return bcsr_compute(*static_cast<BcsrKernel*>(k), ctx); }
+OrtStatus* compute_nm(void* k, OrtKernelContext* ctx) { return nm_compute(*static_cast<NmKernel*>(k), ctx); }
 OrtStatus* compute_actsparse(void* k, OrtKernelContext* ctx) {
   return actsparse_compute(*static_cast<ActSparseKernel*>(k), ctx);
 }
 void destroy_bcsr(void* k) { delete static_cast<BcsrKernel*>(k); }
+void destroy_nm(void* k) { delete static_cast<NmKernel*>(k); }
 void destroy_actsparse(void* k) { delete static_cast<ActSparseKernel*>(k); }
 
 OpDef g_ops[] = {
     {make_op(create_bcsr, compute_bcsr, destroy_bcsr), "BcsrLinear", 5, {ORT_FLOAT, ORT_FLOAT, ORT_INT32, ORT_INT32, ORT_FLOAT}, 4},
     {make_op(create_bcsr, compute_bcsr, destroy_bcsr), "BcsrConv1x1", 5, {ORT_FLOAT, ORT_FLOAT, ORT_INT32, ORT_INT32, ORT_FLOAT}, 4},
+    {make_op(create_nm, compute_nm, destroy_nm), "NmLinear", 4, {ORT_FLOAT, ORT_FLOAT, ORT_UINT8, ORT_FLOAT}, 3},
+    {make_op(create_nm, compute_nm, destroy_nm), "NmConv1x1", 4, {ORT_FLOAT, ORT_FLOAT, ORT_UINT8, ORT_FLOAT}, 3},
     {make_op(create_actsparse, compute_actsparse, destroy_actsparse), "ActSparseLinear", 3, {ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 2},
 };
 

@@ -15,13 +15,18 @@ typedef void (*es_kernel_fn)(const es_bcsr_f32*, size_t, const float*, float*, s
 /* the activation-sparse kernel computes the output columns [o0, o1) */
 typedef void (*es_actsparse_fn)(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t);
 
+/* the N:M kernels compute the output channels [o0, o1) */
+typedef void (*es_nm_fn)(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);
+
 typedef void (*es_qs8_fn)(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t);
 
 #define ES_DECLARE(isa)                                                                                \
   void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
   void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
   void es_f32_actsparse_linear__##isa(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t); \
-  void es_qs8_bcsr_linear__##isa(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t);
+  void es_qs8_bcsr_linear__##isa(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t); \
+  void es_f32_nm_linear__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);                  \
+  void es_f32_nm_conv1x1_nchw__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);
 
 ES_DECLARE(scalar)
 #if defined(__x86_64__)
@@ -49,18 +54,19 @@ static const struct {
   es_kernel_fn conv1x1;
   es_actsparse_fn actsparse;
   es_qs8_fn qs8_linear;
+  es_nm_fn nm_linear;
+  es_nm_fn nm_conv1x1;
 } es_table[] = {  /* best first */
+#define ES_ROW(isa)                                                                                              \
+  {#isa, es_f32_bcsr_linear__##isa, es_f32_bcsr_conv1x1_nchw__##isa, es_f32_actsparse_linear__##isa,             \
+   es_qs8_bcsr_linear__##isa, es_f32_nm_linear__##isa, es_f32_nm_conv1x1_nchw__##isa}
 #if defined(__x86_64__)
-    {"avx512", es_f32_bcsr_linear__avx512, es_f32_bcsr_conv1x1_nchw__avx512, es_f32_actsparse_linear__avx512,
-     es_qs8_bcsr_linear__avx512},
-    {"avx2", es_f32_bcsr_linear__avx2, es_f32_bcsr_conv1x1_nchw__avx2, es_f32_actsparse_linear__avx2,
-     es_qs8_bcsr_linear__avx2},
+    ES_ROW(avx512),
+    ES_ROW(avx2),
 #elif defined(__aarch64__)
-    {"neon", es_f32_bcsr_linear__neon, es_f32_bcsr_conv1x1_nchw__neon, es_f32_actsparse_linear__neon,
-     es_qs8_bcsr_linear__neon},
+    ES_ROW(neon),
 #endif
-    {"scalar", es_f32_bcsr_linear__scalar, es_f32_bcsr_conv1x1_nchw__scalar, es_f32_actsparse_linear__scalar,
-     es_qs8_bcsr_linear__scalar},
+    ES_ROW(scalar),
 };
 static const size_t es_rows = sizeof(es_table) / sizeof(es_table[0]);
 static int es_choice = -1;
@@ -82,6 +88,33 @@ int es_force_isa(const char* name) {
 
 const char* es_f32_bcsr_isa(void) { return es_table[es_select()].isa; }
 
+int es_bcsr_shape_supported(size_t block_rows, size_t block_cols) {
+  if (block_cols == 1) return block_rows == 1 || block_rows == 2 || block_rows == 4 || block_rows == 8;
+  return block_rows == 1 && (block_cols == 2 || block_cols == 4 || block_cols == 8 || block_cols == 16);
+}
+
+const char* es_bcsr_check(size_t out, size_t in, size_t block_rows, size_t block_cols, const int32_t* row_ptr,
+                          size_t row_ptr_len, size_t col_idx_len, size_t values_len) {
+  if (out < 1 || in < 1) return "in_features and out_features must be positive";
+  if (!es_bcsr_shape_supported(block_rows, block_cols))
+    return "unsupported block shape (Rx1 with R in 1,2,4,8 or 1xC with C in 2,4,8,16)";
+  if (in % block_cols) return "in_features must be a multiple of the block columns";
+  const size_t blocks = (out + block_rows - 1) / block_rows;
+  if (row_ptr_len != blocks + 1 || row_ptr[0] != 0) return "row_ptr must hold ceil(out / block_rows) + 1 offsets from 0";
+  const int32_t nnz = row_ptr[blocks];
+  if (nnz < 0 || col_idx_len < (size_t)nnz || values_len < (size_t)nnz * block_rows * block_cols)
+    return "row_ptr does not match col_idx / values";
+  return NULL;
+}
+
+const char* es_nm_check(size_t out, size_t in, size_t n, size_t m, size_t values_len, size_t idx_len) {
+  if (out < 1 || in < 1) return "in_features and out_features must be positive";
+  if (n < 1 || n >= m || m > 255) return "N:M needs 1 <= N < M <= 255";
+  if (in % m) return "in_features must be a multiple of M";
+  if (values_len != out * (in / m) * n || idx_len != values_len) return "values / idx must be [out, in / M * N]";
+  return NULL;
+}
+
 size_t es_bcsr_row_blocks(const es_bcsr_f32* w) { return (w->out + w->block_rows - 1) / w->block_rows; }
 
 void es_f32_bcsr_linear_blocks(const es_bcsr_f32* w, size_t n, const float* x, float* y, size_t b0, size_t b1) {
@@ -99,6 +132,22 @@ void es_f32_bcsr_linear(const es_bcsr_f32* w, size_t n, const float* x, float* y
 
 void es_f32_bcsr_conv1x1_nchw(const es_bcsr_f32* w, size_t pixels, const float* x, float* y) {
   es_f32_bcsr_conv1x1_nchw_blocks(w, pixels, x, y, 0, es_bcsr_row_blocks(w));
+}
+
+void es_f32_nm_linear_outs(const es_nm_f32* w, size_t rows, const float* x, float* y, size_t o0, size_t o1) {
+  es_table[es_select()].nm_linear(w, rows, x, y, o0, o1);
+}
+
+void es_f32_nm_linear(const es_nm_f32* w, size_t rows, const float* x, float* y) {
+  es_f32_nm_linear_outs(w, rows, x, y, 0, w->out);
+}
+
+void es_f32_nm_conv1x1_nchw_outs(const es_nm_f32* w, size_t pixels, const float* x, float* y, size_t o0, size_t o1) {
+  es_table[es_select()].nm_conv1x1(w, pixels, x, y, o0, o1);
+}
+
+void es_f32_nm_conv1x1_nchw(const es_nm_f32* w, size_t pixels, const float* x, float* y) {
+  es_f32_nm_conv1x1_nchw_outs(w, pixels, x, y, 0, w->out);
 }
 
 void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y,

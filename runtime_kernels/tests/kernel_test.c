@@ -19,8 +19,9 @@ static float frand(void) {
 
 typedef struct { float* values; int32_t* col; int32_t* ptr; float* dense; } packed;
 
-/* density: probability a block is nonzero; mode 1 = every other row block empty */
-static packed make_weights(size_t out, size_t in, size_t R, double density, int mode) {
+/* R x C blocks (in must be a multiple of C); density: probability a block is nonzero;
+ * mode 1 = every other row block empty */
+static packed make_blocks(size_t out, size_t in, size_t R, size_t C, double density, int mode) {
   size_t blocks = (out + R - 1) / R;
   packed p;
   p.dense = calloc(out * in, sizeof(float));
@@ -30,15 +31,16 @@ static packed make_weights(size_t out, size_t in, size_t R, double density, int 
   size_t k = 0;
   p.ptr[0] = 0;
   for (size_t b = 0; b < blocks; b++) {
-    for (size_t c = 0; c < in; c++) {
+    for (size_t c = 0; c < in; c += C) {
       int keep = (frand() * 0.5f + 0.5f) < density && !(mode == 1 && b % 2 == 1);
       if (!keep) continue;
       p.col[k] = (int32_t)c;
-      for (size_t r = 0; r < R; r++) {
-        float v = (b * R + r < out) ? frand() : 0.0f;
-        p.values[k * R + r] = v;
-        if (b * R + r < out) p.dense[(b * R + r) * in + c] = v;
-      }
+      for (size_t r = 0; r < R; r++)
+        for (size_t j = 0; j < C; j++) {
+          float v = (b * R + r < out) ? frand() : 0.0f;
+          p.values[(k * R + r) * C + j] = v;
+          if (b * R + r < out) p.dense[(b * R + r) * in + c + j] = v;
+        }
       k++;
     }
     p.ptr[b + 1] = (int32_t)k;
@@ -46,8 +48,12 @@ static packed make_weights(size_t out, size_t in, size_t R, double density, int 
   return p;
 }
 
+static packed make_weights(size_t out, size_t in, size_t R, double density, int mode) {
+  return make_blocks(out, in, R, 1, density, mode);
+}
+
 static int close_enough(const float* got, const double* want, size_t count, const char* what) {
-  double scale = 1e-30;
+  double scale = 1.0; /* inputs and weights are O(1): the absolute floor covers cancellation */
   for (size_t i = 0; i < count; i++) scale = fmax(scale, fabs(want[i]));
   for (size_t i = 0; i < count; i++) {
     if (!(fabs(got[i] - want[i]) <= 1e-5 * fabs(want[i]) + 1e-6 * scale)) { /* NaN fails too */
@@ -163,17 +169,83 @@ static void qs8_tests(int* passed, int* failed) {
       }
 }
 
+/* N:M: (n, m) pairs on both the shuffle path (m = 2n) and the general one; kept counts that are
+ * not a multiple of any vector width; linear (batch 1, 3, 4, 9) and conv1x1; split outputs. */
+static void nm_tests(int* passed, int* failed) {
+  const size_t nms[][2] = {{2, 4}, {1, 2}, {4, 8}, {8, 16}, {1, 4}, {3, 8}, {2, 3}};
+  const size_t shapes[][3] = {{64, 16, 1}, {67, 11, 4}, {1, 1, 1}, {9, 40, 3}, {33, 65, 9}, {128, 64, 16}};
+  for (size_t t = 0; t < sizeof(nms) / sizeof(nms[0]); t++)
+    for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+      for (int with_bias = 0; with_bias < 2; with_bias++) {
+        size_t n = nms[t][0], m = nms[t][1], out = shapes[s][0], in = shapes[s][1] * m, rows = shapes[s][2];
+        size_t kept = in / m * n;
+        float* values = malloc((out * kept + 1) * sizeof(float));
+        uint8_t* idx = malloc(out * kept + 1);
+        float* dense = calloc(out * in, sizeof(float));
+        for (size_t o = 0; o < out; o++)
+          for (size_t g = 0; g < in / m; g++) {
+            size_t first = (size_t)((frand() * 0.5f + 0.5f) * (float)(m - n + 1)) % (m - n + 1);
+            for (size_t j = 0; j < n; j++) { /* n increasing positions inside the group */
+              size_t k = o * kept + g * n + j, pos = first + j;
+              values[k] = (g + j) % 7 == 3 ? 0.0f : frand(); /* some kept weights are zero */
+              idx[k] = (uint8_t)pos;
+              dense[o * in + g * m + pos] = values[k];
+            }
+          }
+        float* bias = malloc(out * sizeof(float));
+        for (size_t o = 0; o < out; o++) bias[o] = frand();
+        float* xbuf = malloc((rows * in + 2) * sizeof(float));
+        float* ybuf = malloc((rows * out + 2) * sizeof(float));
+        float *x = xbuf + 1, *y = ybuf + 1; /* misaligned by one float on purpose */
+        for (size_t i = 0; i < rows * in; i++) x[i] = frand();
+        double* want_lin = malloc(rows * out * sizeof(double));
+        double* want_conv = malloc(rows * out * sizeof(double));
+        for (size_t r = 0; r < rows; r++)
+          for (size_t o = 0; o < out; o++) {
+            double a = with_bias ? bias[o] : 0.0, b = a;
+            for (size_t c = 0; c < in; c++) {
+              a += (double)dense[o * in + c] * x[r * in + c];
+              b += (double)dense[o * in + c] * x[c * rows + r]; /* conv: x is [in, pixels = rows] */
+            }
+            want_lin[r * out + o] = a;
+            want_conv[o * rows + r] = b;
+          }
+        es_nm_f32 w = {out, in, n, m, values, idx, with_bias ? bias : NULL};
+        for (size_t isa = 0; isa < 4; isa++) {
+          if (es_force_isa(ISAS[isa]) != 0) continue;
+          char what[160];
+          snprintf(what, sizeof what, "%s nm %zu:%zu linear out=%zu in=%zu rows=%zu bias=%d", ISAS[isa], n, m, out, in, rows, with_bias);
+          ybuf[0] = ybuf[rows * out + 1] = 12345.0f;
+          es_f32_nm_linear(&w, rows, x, y);
+          int ok = close_enough(y, want_lin, rows * out, what) && ybuf[0] == 12345.0f && ybuf[rows * out + 1] == 12345.0f;
+          ok ? (*passed)++ : (*failed)++;
+          memset(y, 0xff, rows * out * sizeof(float)); /* NaN: every output must be written again */
+          es_f32_nm_linear_outs(&w, rows, x, y, out / 3, out);
+          es_f32_nm_linear_outs(&w, rows, x, y, 0, out / 3);
+          close_enough(y, want_lin, rows * out, what) ? (*passed)++ : (*failed)++;
+          snprintf(what, sizeof what, "%s nm %zu:%zu conv1x1 out=%zu in=%zu px=%zu bias=%d", ISAS[isa], n, m, out, in, rows, with_bias);
+          es_f32_nm_conv1x1_nchw_outs(&w, rows, x, y, out / 2, out);
+          es_f32_nm_conv1x1_nchw_outs(&w, rows, x, y, 0, out / 2);
+          ok = close_enough(y, want_conv, rows * out, what) && ybuf[0] == 12345.0f && ybuf[rows * out + 1] == 12345.0f;
+          ok ? (*passed)++ : (*failed)++;
+        }
+        es_force_isa(NULL);
+        free(values); free(idx); free(dense); free(bias); free(xbuf); free(ybuf); free(want_lin); free(want_conv);
+      }
+}
+
 int main(void) {
   const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 33}, {20, 12, 7}};
-  const size_t block_rows[] = {1, 2, 4, 8};
+  const size_t block_shapes[][2] = {{1, 1}, {2, 1}, {4, 1}, {8, 1}, {1, 2}, {1, 4}, {1, 8}, {1, 16}};
   const double densities[] = {0.0, 0.1, 0.5, 1.0};
   int passed = 0, failed = 0;
   for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
-    for (size_t ri = 0; ri < 4; ri++)
+    for (size_t bi = 0; bi < sizeof(block_shapes) / sizeof(block_shapes[0]); bi++)
       for (size_t di = 0; di < 4; di++)
         for (int mode = 0; mode < 2; mode++) {
-          size_t out = shapes[s][0], in = shapes[s][1], n = shapes[s][2], R = block_rows[ri];
-          packed p = make_weights(out, in, R, densities[di], mode);
+          size_t R = block_shapes[bi][0], C = block_shapes[bi][1];
+          size_t out = shapes[s][0], in = shapes[s][1] + (C - shapes[s][1] % C) % C, n = shapes[s][2];
+          packed p = make_blocks(out, in, R, C, densities[di], mode);
           float* bias = malloc(out * sizeof(float));
           for (size_t o = 0; o < out; o++) bias[o] = frand();
           /* +1: misaligned by one float on purpose */
@@ -197,16 +269,16 @@ int main(void) {
               for (size_t c = 0; c < in; c++) acc += (double)p.dense[o * in + c] * x[c * n + px];
               want_conv[o * n + px] = acc;
             }
-          es_bcsr_f32 w = {out, in, R, p.values, p.col, p.ptr, bias};
+          es_bcsr_f32 w = {out, in, R, C, p.values, p.col, p.ptr, bias};
           for (size_t isa = 0; isa < 4; isa++) {
             if (es_force_isa(ISAS[isa]) != 0) continue;
             char what[160];
-            snprintf(what, sizeof what, "%s linear out=%zu in=%zu n=%zu R=%zu density=%.1f mode=%d", ISAS[isa], out, in, n, R, densities[di], mode);
+            snprintf(what, sizeof what, "%s linear out=%zu in=%zu n=%zu %zux%zu density=%.1f mode=%d", ISAS[isa], out, in, n, R, C, densities[di], mode);
             ybuf[0] = ybuf[n * out + 1] = 12345.0f;
             es_f32_bcsr_linear(&w, n, x, y);
             int ok = close_enough(y, want_lin, n * out, what) && ybuf[0] == 12345.0f && ybuf[n * out + 1] == 12345.0f;
             ok ? passed++ : failed++;
-            snprintf(what, sizeof what, "%s conv1x1 out=%zu in=%zu px=%zu R=%zu density=%.1f mode=%d", ISAS[isa], out, in, n, R, densities[di], mode);
+            snprintf(what, sizeof what, "%s conv1x1 out=%zu in=%zu px=%zu %zux%zu density=%.1f mode=%d", ISAS[isa], out, in, n, R, C, densities[di], mode);
             es_f32_bcsr_conv1x1_nchw(&w, n, x, y);
             ok = close_enough(y, want_conv, out * n, what) && ybuf[0] == 12345.0f && ybuf[n * out + 1] == 12345.0f;
             ok ? passed++ : failed++;
@@ -215,18 +287,18 @@ int main(void) {
             es_f32_bcsr_linear_blocks(&w, n, x, y, cut2, blocks);
             es_f32_bcsr_linear_blocks(&w, n, x, y, 0, cut1);
             es_f32_bcsr_linear_blocks(&w, n, x, y, cut1, cut2);
-            snprintf(what, sizeof what, "%s linear split out=%zu in=%zu R=%zu", ISAS[isa], out, in, R);
+            snprintf(what, sizeof what, "%s linear split out=%zu in=%zu %zux%zu", ISAS[isa], out, in, R, C);
             close_enough(y, want_lin, n * out, what) ? passed++ : failed++;
             es_f32_bcsr_conv1x1_nchw_blocks(&w, n, x, y, cut1, blocks);
             es_f32_bcsr_conv1x1_nchw_blocks(&w, n, x, y, 0, cut1);
-            snprintf(what, sizeof what, "%s conv1x1 split out=%zu in=%zu R=%zu", ISAS[isa], out, in, R);
+            snprintf(what, sizeof what, "%s conv1x1 split out=%zu in=%zu %zux%zu", ISAS[isa], out, in, R, C);
             close_enough(y, want_conv, out * n, what) ? passed++ : failed++;
             /* without bias */
             w.bias = NULL;
             es_f32_bcsr_linear(&w, n, x, y);
             for (size_t row = 0; row < n; row++)
               for (size_t o = 0; o < out; o++) want_lin[row * out + o] -= bias[o];
-            snprintf(what, sizeof what, "%s linear no-bias out=%zu in=%zu R=%zu", ISAS[isa], out, in, R);
+            snprintf(what, sizeof what, "%s linear no-bias out=%zu in=%zu %zux%zu", ISAS[isa], out, in, R, C);
             close_enough(y, want_lin, n * out, what) ? passed++ : failed++;
             for (size_t row = 0; row < n; row++)
               for (size_t o = 0; o < out; o++) want_lin[row * out + o] += bias[o];
@@ -236,6 +308,7 @@ int main(void) {
           free(p.values); free(p.col); free(p.ptr); free(p.dense); free(bias);
           free(xbuf); free(ybuf); free(want_lin); free(want_conv);
         }
+  nm_tests(&passed, &failed);
   actsparse_tests(&passed, &failed);
   qs8_tests(&passed, &failed);
   printf("dispatch picks: %s\n", es_f32_bcsr_isa());

@@ -1,11 +1,18 @@
 /* edgesparse sparse CPU kernels: the plain C ABI (tests, benchmarks, runtime op wrappers).
  *
- * Weight format "BCSR Rx1": the weight [out, in] is cut into row blocks of R consecutive output
- * channels (R in {1, 2, 4, 8}); a nonzero block is R values sharing one input column.
+ * Weight format "BCSR RxC": the weight [out, in] is cut into blocks of R consecutive output
+ * channels by C consecutive input columns; only nonzero blocks are stored. Supported shapes:
+ * Rx1 with R in {1, 2, 4, 8} (R output channels share one input column: vectorizes over outputs)
+ * and 1xC with C in {2, 4, 8, 16} (one output channel, C adjacent inputs: vectorizes over inputs;
+ * needs in % C == 0). R = C = 1 is plain CSR.
  *   row_ptr[b] .. row_ptr[b+1]  the nonzero blocks of row block b   (int32, ceil(out/R) + 1)
- *   col_idx[k]                  input column of block k             (int32, nnz_blocks)
- *   values[k*R + r]             weight[b*R + r, col_idx[k]]         (float, nnz_blocks * R)
+ *   col_idx[k]                  first input column of block k       (int32, nnz_blocks)
+ *   values[(k*R + r)*C + j]     weight[b*R + r, col_idx[k] + j]     (float, nnz_blocks * R * C)
  * A ragged last row block is zero-padded in `values`; only rows < out are written.
+ *
+ * Weight format "N:M": every group of M consecutive inputs of an output row keeps N weights.
+ *   values[o, g*N + j]  the j-th kept weight of group g        (float, out * in/M * N)
+ *   idx[o, g*N + j]     its position inside the group, 0..M-1  (uint8, same shape)
  */
 #ifndef EDGESPARSE_KERNELS_H
 #define EDGESPARSE_KERNELS_H
@@ -21,6 +28,7 @@ typedef struct {
   size_t out;             /* output channels */
   size_t in;              /* input channels */
   size_t block_rows;      /* R */
+  size_t block_cols;      /* C */
   const float* values;
   const int32_t* col_idx;
   const int32_t* row_ptr;
@@ -40,6 +48,30 @@ size_t es_bcsr_row_blocks(const es_bcsr_f32* w);
 void es_f32_bcsr_linear_blocks(const es_bcsr_f32* w, size_t n, const float* x, float* y, size_t b0, size_t b1);
 void es_f32_bcsr_conv1x1_nchw_blocks(const es_bcsr_f32* w, size_t pixels, const float* x, float* y, size_t b0,
                                      size_t b1);
+
+/* 1 if the kernels run blocks of R x C (see the format above), else 0. */
+int es_bcsr_shape_supported(size_t block_rows, size_t block_cols);
+
+/* Operand checks for the op wrappers, O(1): NULL when the sizes are consistent, else a message.
+ * Column indices are trusted (they come from the packer) and are not scanned per call. */
+const char* es_bcsr_check(size_t out, size_t in, size_t block_rows, size_t block_cols, const int32_t* row_ptr,
+                          size_t row_ptr_len, size_t col_idx_len, size_t values_len);
+const char* es_nm_check(size_t out, size_t in, size_t n, size_t m, size_t values_len, size_t idx_len);
+
+/* N:M linear and 1x1 conv (NCHW), for output channels [o0, o1) (threads split that range). */
+typedef struct {
+  size_t out;
+  size_t in;              /* a multiple of m */
+  size_t n, m;            /* keep n of every m inputs, 1 <= n < m <= 255 */
+  const float* values;    /* [out, in / m * n] */
+  const uint8_t* idx;     /* [out, in / m * n], each < m */
+  const float* bias;      /* [out] or NULL */
+} es_nm_f32;
+
+void es_f32_nm_linear(const es_nm_f32* w, size_t rows, const float* x, float* y);
+void es_f32_nm_linear_outs(const es_nm_f32* w, size_t rows, const float* x, float* y, size_t o0, size_t o1);
+void es_f32_nm_conv1x1_nchw(const es_nm_f32* w, size_t pixels, const float* x, float* y);
+void es_f32_nm_conv1x1_nchw_outs(const es_nm_f32* w, size_t pixels, const float* x, float* y, size_t o0, size_t o1);
 
 /* Activation-sparse linear (TEAL / CATS style): weights input-channel-major, weight_t[in][out],
  * so an input channel with |x| <= threshold skips one contiguous row of weights:

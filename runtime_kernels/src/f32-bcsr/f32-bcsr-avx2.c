@@ -1,4 +1,4 @@
-/* f32 BCSR Rx1 kernels, avx2 build (vectors of 8 floats). */
+/* f32 BCSR RxC kernels, avx2 build (vectors of 8 floats). */
 #define ES_ISA avx2
 #define ES_MR 8
 #include "f32-bcsr.inc"

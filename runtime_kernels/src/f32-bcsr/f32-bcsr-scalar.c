@@ -1,25 +1,28 @@
-/* f32 BCSR Rx1 reference kernels: plain loops, the twin every SIMD variant is tested against. */
+/* f32 BCSR RxC reference kernels: plain loops, the twin every SIMD variant is tested against. */
 #include "edgesparse/kernels.h"
 
 void es_f32_bcsr_linear__scalar(const es_bcsr_f32* w, size_t n, const float* x, float* y, size_t b0, size_t b1) {
-  const size_t R = w->block_rows;
+  const size_t R = w->block_rows, C = w->block_cols;
   for (size_t row = 0; row < n; row++) {
     for (size_t o = b0 * R; o < b1 * R && o < w->out; o++) y[row * w->out + o] = w->bias ? w->bias[o] : 0.0f;
     for (size_t b = b0; b < b1; b++)
       for (int32_t k = w->row_ptr[b]; k < w->row_ptr[b + 1]; k++)
         for (size_t r = 0; r < R && b * R + r < w->out; r++)
-          y[row * w->out + b * R + r] += w->values[(size_t)k * R + r] * x[row * w->in + w->col_idx[k]];
+          for (size_t j = 0; j < C; j++)
+            y[row * w->out + b * R + r] += w->values[((size_t)k * R + r) * C + j] * x[row * w->in + w->col_idx[k] + j];
   }
 }
 
 void es_f32_bcsr_conv1x1_nchw__scalar(const es_bcsr_f32* w, size_t pixels, const float* x, float* y, size_t b0,
                                       size_t b1) {
-  const size_t R = w->block_rows;
+  const size_t R = w->block_rows, C = w->block_cols;
   for (size_t o = b0 * R; o < b1 * R && o < w->out; o++)
     for (size_t p = 0; p < pixels; p++) y[o * pixels + p] = w->bias ? w->bias[o] : 0.0f;
   for (size_t b = b0; b < b1; b++)
     for (int32_t k = w->row_ptr[b]; k < w->row_ptr[b + 1]; k++)
       for (size_t r = 0; r < R && b * R + r < w->out; r++)
-        for (size_t p = 0; p < pixels; p++)
-          y[(b * R + r) * pixels + p] += w->values[(size_t)k * R + r] * x[(size_t)w->col_idx[k] * pixels + p];
+        for (size_t j = 0; j < C; j++)
+          for (size_t p = 0; p < pixels; p++)
+            y[(b * R + r) * pixels + p] +=
+                w->values[((size_t)k * R + r) * C + j] * x[((size_t)w->col_idx[k] + j) * pixels + p];
 }
