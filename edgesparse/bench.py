@@ -103,8 +103,10 @@ def _sparse_int8(layer: nn.Module, case: Case) -> nn.Module | None:
     """The int8 sparse linear (BCSR Rx1 blocks only), or None."""
     from edgesparse.runtime_kernels.modules import QSparseLinear, block_shape_for
 
+    if case.op != "linear":
+        return None
     shape = block_shape_for(Pattern.parse(case.pattern))
-    if case.op != "linear" or shape is None or shape[1] != 1:
+    if shape is None or shape[1] != 1:
         return None
     return QSparseLinear(layer.weight, layer.bias, shape[0])
 
