@@ -95,11 +95,28 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack_qs8_bcsr(weight: torch.Tensor, block_rows: int) -> tuple[BCSR, torch.Tensor]:
-    """int8 BCSR Rx1 (int8 values) and the per-output-channel scales."""
+    """int8 BCSR Rx1 in groups of four blocks (the dot-product layout of kernels.h: each row
+    block padded to a multiple of 4 blocks with zero blocks at its last column, then row r's four
+    weights of a group stored together) and the per-output-channel scales."""
     q, scales = quantize_weight(weight)
     packed = pack_bcsr(q.float(), block_rows)
-    packed.values = packed.values.to(torch.int8)
-    return packed, scales
+    R = block_rows
+    counts = (packed.row_ptr[1:] - packed.row_ptr[:-1]).long()
+    padded = (counts + 3) // 4 * 4
+    row_ptr = torch.zeros_like(packed.row_ptr)
+    row_ptr[1:] = padded.cumsum(0)
+    rb = torch.repeat_interleave(torch.arange(counts.numel()), padded)  # row block of each new slot
+    pos = torch.arange(rb.numel()) - row_ptr[rb].long()
+    real = pos < counts[rb]
+    src = packed.row_ptr[rb].long() + torch.minimum(pos, counts[rb] - 1)  # padding repeats the last block
+    blocks = torch.where(real[:, None], packed.values.reshape(-1, R)[src], 0.0)  # [slot, r]
+    values = blocks.reshape(-1, 4, R).transpose(1, 2).reshape(-1).to(torch.int8).contiguous()
+    return BCSR(values, packed.col_idx[src].contiguous(), row_ptr, R, packed.out_features, packed.in_features), scales
+
+
+def ungroup_qs8(values: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """The grouped int8 values back in per-block order (values[k*R + r] for block k)."""
+    return values.reshape(-1, block_rows, 4).transpose(1, 2).reshape(-1)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,5 +137,6 @@ def unpack_bcsr(values, col_idx, row_ptr, block_rows: int, in_features: int, out
     rows = (rb[:, None, None] * block_rows + torch.arange(block_rows)[None, :, None]).expand(shape)
     cols = (col_idx.long()[:, None, None] + torch.arange(block_cols)[None, None, :]).expand(shape)
     dense = torch.zeros(blocks * block_rows, in_features, dtype=values.dtype)
-    dense[rows, cols] = values.reshape(shape)
+    # accumulate: the int8 layout's padding blocks (zeros) may repeat a real block's position
+    dense.index_put_((rows, cols), values.reshape(shape), accumulate=True)
     return dense[:out_features]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from edgesparse.runtime_kernels.formats import quantize_rows, unpack_bcsr, unpack_nm
+from edgesparse.runtime_kernels.formats import quantize_rows, ungroup_qs8, unpack_bcsr, unpack_nm
 
 _lib = torch.library.Library("edgesparse", "DEF")
 
@@ -72,11 +72,12 @@ _define("actsparse_linear", "Tensor x, Tensor weight_t, Tensor? bias, float thre
         lambda x, weight_t, *a: weight_t.shape[1])
 
 
-# int8 BCSR Rx1 linear: int8 values with per-output-channel scales, activations quantized per row
-# inside the op (dynamic). The eager version is the integer reference: exact int sums in float64.
+# int8 BCSR Rx1 linear: int8 values (grouped by four blocks, formats.pack_qs8_bcsr) with
+# per-output-channel scales, activations quantized per row inside the op (dynamic). The eager
+# version is the integer reference: exact int sums in float64.
 def _qs8_linear(x, values, col_idx, row_ptr, scales, bias, block_rows, in_features, out_features):
     xq, x_scale = quantize_rows(x.float())
-    w_int = unpack_bcsr(values.double(), col_idx, row_ptr, block_rows, in_features, out_features)
+    w_int = unpack_bcsr(ungroup_qs8(values.double(), block_rows), col_idx, row_ptr, block_rows, in_features, out_features)
     acc = (xq.double() @ w_int.t()).float()
     y = acc * (scales * x_scale)
     return y if bias is None else y + bias

@@ -32,8 +32,12 @@ ES_DECLARE(scalar)
 #if defined(__x86_64__)
 ES_DECLARE(avx2)
 ES_DECLARE(avx512)
+void es_qs8_bcsr_linear__avx512vnni(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t,
+                                    size_t);
 #elif defined(__aarch64__)
 ES_DECLARE(neon)
+void es_qs8_bcsr_linear__neondot(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t,
+                                 size_t);
 #endif
 
 static int es_supported(const char* isa) {
@@ -42,8 +46,12 @@ static int es_supported(const char* isa) {
   __builtin_cpu_init();
   if (!strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (!strcmp(isa, "avx512")) return __builtin_cpu_supports("avx512f");
+  if (!strcmp(isa, "avx512vnni"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
 #elif defined(__aarch64__)
   if (!strcmp(isa, "neon")) return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
+  if (!strcmp(isa, "neondot")) return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #endif
   return 0;
 }
@@ -57,16 +65,19 @@ static const struct {
   es_nm_fn nm_linear;
   es_nm_fn nm_conv1x1;
 } es_table[] = {  /* best first */
-#define ES_ROW(isa)                                                                                              \
-  {#isa, es_f32_bcsr_linear__##isa, es_f32_bcsr_conv1x1_nchw__##isa, es_f32_actsparse_linear__##isa,             \
-   es_qs8_bcsr_linear__##isa, es_f32_nm_linear__##isa, es_f32_nm_conv1x1_nchw__##isa}
+/* a row: its name, the ISA of its f32 kernels and the ISA of its int8 kernels */
+#define ES_ROW(name, f32, qs8)                                                                               \
+  {#name, es_f32_bcsr_linear__##f32, es_f32_bcsr_conv1x1_nchw__##f32, es_f32_actsparse_linear__##f32,          \
+   es_qs8_bcsr_linear__##qs8, es_f32_nm_linear__##f32, es_f32_nm_conv1x1_nchw__##f32}
 #if defined(__x86_64__)
-    ES_ROW(avx512),
-    ES_ROW(avx2),
+    ES_ROW(avx512vnni, avx512, avx512vnni),
+    ES_ROW(avx512, avx512, avx512),
+    ES_ROW(avx2, avx2, avx2),
 #elif defined(__aarch64__)
-    ES_ROW(neon),
+    ES_ROW(neondot, neon, neondot),
+    ES_ROW(neon, neon, neon),
 #endif
-    ES_ROW(scalar),
+    ES_ROW(scalar, scalar, scalar),
 };
 static const size_t es_rows = sizeof(es_table) / sizeof(es_table[0]);
 static int es_choice = -1;

@@ -10,7 +10,8 @@
 
 #include "edgesparse/kernels.h"
 
-static const char* ISAS[] = {"scalar", "avx2", "avx512", "neon"};
+static const char* ISAS[] = {"scalar", "avx2", "avx512", "avx512vnni", "neon", "neondot"};
+#define NISAS (sizeof(ISAS) / sizeof(ISAS[0]))
 static unsigned long long rng = 42;
 static float frand(void) {
   rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
@@ -91,7 +92,7 @@ static void actsparse_tests(int* passed, int* failed) {
             want[row * out + o] = acc;
           }
         es_actsparse_f32 w = {out, in, wt, with_bias ? bias : NULL};
-        for (size_t isa = 0; isa < 4; isa++) {
+        for (size_t isa = 0; isa < NISAS; isa++) {
           if (es_force_isa(ISAS[isa]) != 0) continue;
           char what[160];
           snprintf(what, sizeof what, "%s actsparse out=%zu in=%zu n=%zu threshold=%.1f bias=%d", ISAS[isa], out, in, n, th, with_bias);
@@ -122,10 +123,25 @@ static void qs8_tests(int* passed, int* failed) {
       for (size_t di = 0; di < 4; di++) {
         size_t out = shapes[s][0], in = shapes[s][1], n = shapes[s][2], R = block_rows[ri];
         packed p = make_weights(out, in, R, densities[di], (int)(di % 2));
-        size_t nnz = (size_t)p.ptr[(out + R - 1) / R];
+        size_t blocks = (out + R - 1) / R, nnz = (size_t)p.ptr[blocks];
         int8_t* values = malloc(nnz * R + 1);
         for (size_t i = 0; i < nnz * R; i++) /* extremes first, then the float values scaled */
           values[i] = i == 0 ? -128 : i == 1 ? 127 : (int8_t)lrintf(p.values[i] * 127.0f);
+        /* the kernels' layout: each row block's blocks padded to a multiple of 4 (zero weights,
+         * the row block's last column), row r's four weights of a group together */
+        int8_t* gvalues = calloc(nnz * R + 4 * R * blocks + 1, 1);
+        int32_t* gcol = malloc((nnz + 4 * blocks + 1) * sizeof(int32_t));
+        int32_t* gptr = malloc((blocks + 1) * sizeof(int32_t));
+        gptr[0] = 0;
+        for (size_t b = 0; b < blocks; b++) {
+          size_t count = (size_t)(p.ptr[b + 1] - p.ptr[b]), padded = (count + 3) / 4 * 4, start = (size_t)gptr[b];
+          for (size_t i = 0; i < padded; i++) {
+            size_t src = (size_t)p.ptr[b] + (i < count ? i : count - 1), k = start + i / 4 * 4, j = i % 4;
+            gcol[start + i] = p.col[src];
+            for (size_t r = 0; r < R; r++) gvalues[k * R + r * 4 + j] = i < count ? values[src * R + r] : 0;
+          }
+          gptr[b + 1] = (int32_t)(start + padded);
+        }
         int8_t* xq = malloc(n * in + 1);
         float* xs = malloc(n * sizeof(float));
         for (size_t i = 0; i < n * in; i++) xq[i] = i == 0 ? -127 : i == 1 ? 127 : (int8_t)lrintf(frand() * 127.0f);
@@ -144,9 +160,8 @@ static void qs8_tests(int* passed, int* failed) {
           want_y[i] = (double)want[i] * scales[i % out] * xs[i / out] + bias[i % out];
         int32_t* acc = malloc(n * out * sizeof(int32_t));
         float* y = malloc(n * out * sizeof(float));
-        es_bcsr_qs8 w = {out, in, R, values, p.col, p.ptr, scales, bias};
-        size_t blocks = (out + R - 1) / R;
-        for (size_t isa = 0; isa < 4; isa++) {
+        es_bcsr_qs8 w = {out, in, R, gvalues, gcol, gptr, scales, bias};
+        for (size_t isa = 0; isa < NISAS; isa++) {
           if (es_force_isa(ISAS[isa]) != 0) continue;
           char what[160];
           memset(acc, 0x5a, n * out * sizeof(int32_t));
@@ -164,7 +179,8 @@ static void qs8_tests(int* passed, int* failed) {
           close_enough(y, want_y, n * out, what) ? (*passed)++ : (*failed)++;
         }
         es_force_isa(NULL);
-        free(p.values); free(p.col); free(p.ptr); free(p.dense); free(values); free(xq); free(xs);
+        free(p.values); free(p.col); free(p.ptr); free(p.dense); free(values); free(gvalues); free(gcol); free(gptr);
+        free(xq); free(xs);
         free(scales); free(bias); free(want); free(want_y); free(acc); free(y);
       }
 }
@@ -211,7 +227,7 @@ static void nm_tests(int* passed, int* failed) {
             want_conv[o * rows + r] = b;
           }
         es_nm_f32 w = {out, in, n, m, values, idx, with_bias ? bias : NULL};
-        for (size_t isa = 0; isa < 4; isa++) {
+        for (size_t isa = 0; isa < NISAS; isa++) {
           if (es_force_isa(ISAS[isa]) != 0) continue;
           char what[160];
           snprintf(what, sizeof what, "%s nm %zu:%zu linear out=%zu in=%zu rows=%zu bias=%d", ISAS[isa], n, m, out, in, rows, with_bias);
@@ -270,7 +286,7 @@ int main(void) {
               want_conv[o * n + px] = acc;
             }
           es_bcsr_f32 w = {out, in, R, C, p.values, p.col, p.ptr, bias};
-          for (size_t isa = 0; isa < 4; isa++) {
+          for (size_t isa = 0; isa < NISAS; isa++) {
             if (es_force_isa(ISAS[isa]) != 0) continue;
             char what[160];
             snprintf(what, sizeof what, "%s linear out=%zu in=%zu n=%zu %zux%zu density=%.1f mode=%d", ISAS[isa], out, in, n, R, C, densities[di], mode);

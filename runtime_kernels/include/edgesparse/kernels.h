@@ -91,7 +91,11 @@ void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, si
                                   size_t o0, size_t o1);
 
 /* int8 BCSR Rx1 linear (weights int8 with per-output-channel scales, activations int8 with a
- * per-row dynamic scale, int32 accumulation): the same blocks as es_bcsr_f32, int8 values.
+ * per-row dynamic scale, int32 accumulation). Blocks as in es_bcsr_f32 (C = 1), but in groups of
+ * four so a dot-product instruction (VNNI vpdpbusd, NEON sdot) does four blocks at once: every row
+ * block holds a multiple of 4 blocks (padding blocks: zero weights, any valid column), and the
+ * group starting at block k (k a multiple of 4) stores row r's four weights together:
+ *   values[k*R + r*4 + j] = weight[b*R + r, col_idx[k + j]]          j = 0..3
  *   y[n, o] = (sum_k values * xq) * scales[o] * x_scale[n] + bias[o]
  * Activations are quantized symmetrically per row: x_scale = max|x| / 127 (1 for an all-zero
  * row), xq = clamp(round_half_even(x * (1 / x_scale)), -127, 127). */

@@ -1,5 +1,5 @@
-/* int8 BCSR Rx1 linear reference: plain loops over int32 accumulators, and the per-row dynamic
- * activation quantizer every variant shares. */
+/* int8 BCSR Rx1 linear reference (blocks in groups of four, see kernels.h): plain loops over int32
+ * accumulators, and the per-row dynamic activation quantizer every variant shares. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -12,8 +12,10 @@ void es_qs8_bcsr_linear__scalar(const es_bcsr_qs8* w, size_t n, const int8_t* xq
   for (size_t row = 0; row < n; row++)
     for (size_t b = b0; b < b1; b++) {
       for (size_t r = 0; r < R; r++) acc[r] = 0;
-      for (int32_t k = w->row_ptr[b]; k < w->row_ptr[b + 1]; k++)
-        for (size_t r = 0; r < R; r++) acc[r] += (int32_t)w->values[(size_t)k * R + r] * xq[row * w->in + w->col_idx[k]];
+      for (int32_t k = w->row_ptr[b]; k < w->row_ptr[b + 1]; k += 4) /* a group of four blocks */
+        for (size_t j = 0; j < 4; j++)
+          for (size_t r = 0; r < R; r++)
+            acc[r] += (int32_t)w->values[(size_t)k * R + r * 4 + j] * xq[row * w->in + w->col_idx[k + j]];
       for (size_t r = 0; r < R && b * R + r < w->out; r++) {
         const size_t o = b * R + r;
         if (acc_out)
