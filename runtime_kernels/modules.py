@@ -116,10 +116,14 @@ class QSparseLinear(nn.Module):
                                                     self.block_rows, self.in_features, self.out_features)
 
 
-class ActSparseLinear(nn.Module):
+class ActSparseLinear(_SparseModule):
     """A Linear whose inputs with |x| <= threshold are skipped (TEAL / CATS activation sparsity),
     run by edgesparse::actsparse_linear. threshold=0 is exact and skips the zeros a ReLU makes;
     a larger threshold trades accuracy for speed (issue 5 calibrates it per layer)."""
+
+    op, op_name, onnx_op = torch.ops.edgesparse.actsparse_linear, "actsparse_linear", "ActSparseLinear"
+    operands, attrs = ("weight_t", "bias"), ("threshold",)
+    kernel_name = "edgesparse::actsparse_linear (f32)"
 
     def __init__(self, linear: nn.Linear, threshold: float = 0.0):
         super().__init__()
@@ -127,15 +131,6 @@ class ActSparseLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.threshold = float(threshold)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-
-    kernel_name = "edgesparse::actsparse_linear (f32)"
-
-    def forward(self, x):
-        if torch.onnx.is_in_onnx_export():
-            return torch.onnx.ops.symbolic(
-                "ai.edgesparse::ActSparseLinear", (x, self.weight_t, self.bias), {"threshold": self.threshold},
-                dtype=x.dtype, shape=(*x.shape[:-1], self.out_features), version=1)
-        return torch.ops.edgesparse.actsparse_linear(x, self.weight_t, self.bias, self.threshold)
 
 
 def block_shape_for(pattern: Pattern) -> tuple[int, int] | None:

@@ -176,6 +176,9 @@ def test_bench_kernels_quick_writes_the_issue_rows(tmp_path):
     assert all(keys <= row.keys() for row in rows)
     assert {r["baseline"] for r in rows} == {"xnnpack-fp32", "xnnpack-int8", "onnxruntime-fp32"}
     assert {r["op"] for r in rows} == {"linear", "conv1x1", "mlp"} and {r["dtype"] for r in rows} == {"float32", "int8"}
+    assert {r["pattern"] for r in rows} == {"block:4x1", "block:1x4", "unstructured", "nm:2:4", "activation"}
+    shapes = {r["shape"] for r in rows if r["op"] != "mlp"}
+    assert {"1024->4096 batch 1", "1024->4096 batch 16", "4096->1024 batch 1", "256->512 @14x14", "512->1024 @7x7"} == shapes
     for row in rows:
         assert row["threads"] == 1 and row["ours_ms"] > 0
         assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ours_ms"])

@@ -292,7 +292,7 @@ def test_sparse_digits_runs_in_python_and_cpp_runtimes_matching_torch(tmp_path, 
     assert profile(path, runs=5, runtime="cpp")["peak_rss_mb"] < 200  # no Python, no torch
 
 
-def _ort_graph(node, inputs, tmp_path):
+def _ort_graph(node, inputs, tmp_path, threads=1):
     """A one-node ONNX model around an ai.edgesparse node, in an ONNX Runtime session."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -303,7 +303,7 @@ def _ort_graph(node, inputs, tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.edgesparse", 1)])
     path = tmp_path / f"{node.op_type}.onnx"
     onnx.save(model, path)
-    return edgesparse.ort_session(path)
+    return edgesparse.ort_session(path, threads=threads)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 8])
@@ -321,6 +321,31 @@ def test_ort_bcsr_linear_matches_torch_and_reports_bad_shapes(rows, tmp_path):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="linear input must end in 72 features"):
         session.run(None, {"x": torch.randn(3, 71).numpy()})
+
+
+def test_ort_ops_split_work_across_threads_with_the_same_result(tmp_path):
+    """With intra_op_num_threads > 1 the ops cut their outputs into pieces run on ORT's pool:
+    every output is still computed whole by one piece, so results equal one thread's exactly."""
+    from onnx import helper
+
+    from edgesparse.patterns import make_mask
+    from edgesparse.recipe import Pattern
+    from edgesparse.runtime_kernels.modules import ActSparseLinear, sparse_module
+
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(512, 256, generator=gen)
+    bias = torch.randn(512, generator=gen)
+    cases = [(sparse_module("linear", Pattern.parse("block:4x1"), w * make_mask(w, Pattern.parse("block:4x1"), 0.5), bias),
+              torch.randn(8, 256, generator=gen)),
+             (sparse_module("conv1x1", Pattern.parse("nm:2:4"), w * make_mask(w, Pattern.parse("nm:2:4"), 0), bias),
+              torch.randn(2, 256, 6, 6, generator=gen)),
+             (ActSparseLinear(nn.Linear(256, 512), 0.5), torch.randn(8, 256, generator=gen))]
+    for module, x in cases:
+        operands = {name: getattr(module, name) for name in module.operands}
+        node = helper.make_node(module.onnx_op, ["x", *operands], ["y"], domain="ai.edgesparse",
+                                **{name: getattr(module, name) for name in module.attrs})
+        got = [_ort_graph(node, operands, tmp_path, threads).run(None, {"x": x.numpy()})[0] for threads in (1, 2)]
+        assert (got[0] == got[1]).all() and abs(torch.from_numpy(got[0]) - module(x)).max() < 1e-4
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.7])

@@ -60,7 +60,8 @@ struct OrtCustomOp {
 
 namespace ort_abi {
 
-constexpr uint32_t kApiVersion = 16;  // ORT >= 1.16
+constexpr uint32_t kApiVersion = 16;          // ORT >= 1.16
+constexpr uint32_t kParallelApiVersion = 17;  // ORT >= 1.17 adds KernelContext_ParallelFor
 
 // Slot indices in struct OrtApi (checked against the static_asserts in ORT's onnxruntime_c_api.cc,
 // e.g. ReleaseCustomOpDomain == 101).
@@ -82,6 +83,7 @@ enum Slot : size_t {
   ReleaseStatus = 93,
   ReleaseTensorTypeAndShapeInfo = 99,
   ReleaseCustomOpDomain = 101,
+  KernelContext_ParallelFor = 274,  // API 17
 };
 
 // The signatures of those slots.
@@ -103,6 +105,9 @@ using KernelContext_GetOutputFn = OrtStatus* (*)(OrtKernelContext* context, size
 using ReleaseStatusFn = void (*)(OrtStatus* status);
 using ReleaseTensorTypeAndShapeInfoFn = void (*)(OrtTensorTypeAndShapeInfo* info);
 using ReleaseCustomOpDomainFn = void (*)(OrtCustomOpDomain* domain);
+// fn(usr_data, i) for i in [0, total) on the session's intra-op threads; num_batch 0: ORT decides
+using KernelContext_ParallelForFn = OrtStatus* (*)(const OrtKernelContext* context, void (*fn)(void*, size_t),
+                                                   size_t total, size_t num_batch, void* usr_data);
 
 // api.call<Fn>(Slot, args...): the function in that slot, called with its declared signature.
 struct Api {

@@ -6,7 +6,9 @@
 //   ActSparseLinear(x, weight_t, bias?)             attr threshold
 // The nodes are what torch.onnx emits for edgesparse's sparse modules (runtime_kernels/modules.py).
 // Load with SessionOptions.register_custom_ops_library(path) or edgesparse.ort_session(path).
-// Kernels run on the calling thread.
+// Work is split across the session's intra-op threads (intra_op_num_threads) on ORT >= 1.17, which
+// lends its pool to custom ops; on 1.16 the kernels run on the calling thread.
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -19,6 +21,33 @@ namespace {
 using namespace ort_abi;
 
 Api g_api{nullptr};
+bool g_parallel = false;  // the runtime's table has KernelContext_ParallelFor (API >= 17)
+
+// How many pieces to cut `units` (row blocks, output channels, column chunks) into: at least
+// ~16k multiply-adds each (`work` for all of them), at most 64.
+size_t pieces(size_t units, int64_t work) {
+  const size_t by_work = static_cast<size_t>(std::max<int64_t>(1, work / 16384));
+  return std::max<size_t>(1, std::min<size_t>({units, by_work, 64}));
+}
+
+// body(u0, u1) over [0, units) cut in `n` pieces, on ORT's intra-op threads where it lends them.
+template <typename Body>
+void parallel(OrtKernelContext* ctx, size_t units, size_t n, const Body& body) {
+  struct Job {
+    const Body* body;
+    size_t units, n;
+  } job{&body, units, n};
+  auto piece = [](void* data, size_t i) {
+    const Job& j = *static_cast<const Job*>(data);
+    (*j.body)(j.units * i / j.n, j.units * (i + 1) / j.n);
+  };
+  if (g_parallel && n > 1) {
+    OrtStatus* status = g_api.call<KernelContext_ParallelForFn>(KernelContext_ParallelFor, ctx, piece, n, size_t{0}, &job);
+    if (!status) return;
+    g_api.call<ReleaseStatusFn>(ReleaseStatus, status);  // then run it here: pieces write disjoint outputs
+  }
+  for (size_t i = 0; i < n; i++) piece(&job, i);
+}
 
 // A tensor view: dims, element type and data pointer of one OrtValue.
 struct View {
@@ -143,12 +172,20 @@ OrtStatus* bcsr_compute(const BcsrKernel& k, OrtKernelContext* ctx) {
   ES_ORT_TRY(bcsr_weights(k, ctx, &w));
   ES_ORT_TRY(prepare(ctx, x, k.conv, k.in_features, k.out_features, &y));
   const float* xp = static_cast<const float*>(x.data);
+  const size_t blocks = es_bcsr_row_blocks(&w);
+  const int64_t macs_per_row = static_cast<int64_t>(w.row_ptr[blocks]) * static_cast<int64_t>(w.block_rows * w.block_cols);
   if (k.conv) {
     const size_t pixels = static_cast<size_t>(x.dims[2] * x.dims[3]);
-    for (int64_t n = 0; n < x.dims[0]; n++)
-      es_f32_bcsr_conv1x1_nchw(&w, pixels, xp + n * k.in_features * pixels, y + n * k.out_features * pixels);
+    for (int64_t n = 0; n < x.dims[0]; n++) {
+      const float* xn = xp + n * k.in_features * pixels;
+      float* yn = y + n * k.out_features * pixels;
+      parallel(ctx, blocks, pieces(blocks, macs_per_row * pixels),
+               [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xn, yn, b0, b1); });
+    }
   } else {
-    es_f32_bcsr_linear(&w, static_cast<size_t>(x.numel() / k.in_features), xp, y);
+    const size_t rows = static_cast<size_t>(x.numel() / k.in_features);
+    parallel(ctx, blocks, pieces(blocks, macs_per_row * rows),
+             [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, y, b0, b1); });
   }
   return nullptr;
 }
@@ -169,12 +206,19 @@ OrtStatus* nm_compute(const NmKernel& k, OrtKernelContext* ctx) {
                     static_cast<size_t>(k.m), static_cast<const float*>(values.data),
                     static_cast<const uint8_t*>(idx.data), bias};
   const float* xp = static_cast<const float*>(x.data);
+  const size_t outs = static_cast<size_t>(k.out_features);
   if (k.conv) {
     const size_t pixels = static_cast<size_t>(x.dims[2] * x.dims[3]);
-    for (int64_t n = 0; n < x.dims[0]; n++)
-      es_f32_nm_conv1x1_nchw(&w, pixels, xp + n * k.in_features * pixels, y + n * k.out_features * pixels);
+    for (int64_t n = 0; n < x.dims[0]; n++) {
+      const float* xn = xp + n * k.in_features * pixels;
+      float* yn = y + n * k.out_features * pixels;
+      parallel(ctx, outs, pieces(outs, values.numel() * static_cast<int64_t>(pixels)),
+               [&](size_t o0, size_t o1) { es_f32_nm_conv1x1_nchw_outs(&w, pixels, xn, yn, o0, o1); });
+    }
   } else {
-    es_f32_nm_linear(&w, static_cast<size_t>(x.numel() / k.in_features), xp, y);
+    const size_t rows = static_cast<size_t>(x.numel() / k.in_features);
+    parallel(ctx, outs, pieces(outs, values.numel() * static_cast<int64_t>(rows)),
+             [&](size_t o0, size_t o1) { es_f32_nm_linear_outs(&w, rows, xp, y, o0, o1); });
   }
   return nullptr;
 }
@@ -191,7 +235,12 @@ OrtStatus* actsparse_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
   ES_ORT_TRY(prepare(ctx, x, false, wt.dims[0], wt.dims[1], &y));
   const es_actsparse_f32 w{static_cast<size_t>(wt.dims[1]), static_cast<size_t>(wt.dims[0]),
                            static_cast<const float*>(wt.data), bias};
-  es_f32_actsparse_linear(&w, k.threshold, static_cast<size_t>(x.numel() / wt.dims[0]), static_cast<const float*>(x.data), y);
+  const size_t rows = static_cast<size_t>(x.numel() / wt.dims[0]);
+  const size_t chunks = (w.out + 255) / 256;  // whole cache lines of outputs per piece
+  parallel(ctx, chunks, pieces(chunks, static_cast<int64_t>(w.in * w.out * rows)), [&](size_t c0, size_t c1) {
+    es_f32_actsparse_linear_cols(&w, k.threshold, rows, static_cast<const float*>(x.data), y, c0 * 256,
+                                 std::min(w.out, c1 * 256));
+  });
   return nullptr;
 }
 
@@ -304,7 +353,9 @@ OpDef g_ops[] = {
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                 const OrtApiBase* base) {
-  const OrtApi* table = base->GetApi(kApiVersion);
+  const OrtApi* table = base->GetApi(kParallelApiVersion);
+  g_parallel = table != nullptr;
+  if (!table) table = base->GetApi(kApiVersion);
   if (!table) {  // a runtime older than API 16 (ORT 1.16) has no table to report the error through
     fprintf(stderr, "edgesparse: ONNX Runtime %s is too old for the op library (needs 1.16 or newer)\n",
             base->GetVersionString());
