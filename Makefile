@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 KERNELS := runtime_kernels/build/libedgesparse_et.so
 KERNEL_SOURCES := $(shell find runtime_kernels -path 'runtime_kernels/build*' -prune -o \( -name '*.c' -o -name '*.h' -o -name '*.inc' -o -name '*.cpp' -o -name CMakeLists.txt \) -print)
 
-.PHONY: demo test install kernels arm-toolchain fashion-mnist clean
+.PHONY: demo test install kernels arm-toolchain device-lab fashion-mnist clean
 
 install: $(STAMP)
 
@@ -44,10 +44,18 @@ arm-toolchain:
 		|| echo "note: could not install gcc/g++-aarch64-linux-gnu and qemu-user; the aarch64 kernel tests will be skipped"; \
 	else echo "note: install gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and qemu-user to run the aarch64 kernel tests"; fi
 
+# Real device stand-ins the device tests start themselves (sshd on 127.0.0.1).
+device-lab:
+	@if [ -x /usr/sbin/sshd ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server) >/dev/null \
+		|| echo "note: could not install openssh-server; the ssh device tests will be skipped"; \
+	else echo "note: install openssh-server to run the ssh device tests"; fi
+
 demo: $(KERNELS)
 	$(VENV)/bin/edgesparse demo
 
-test: $(KERNELS) arm-toolchain
+test: $(KERNELS) arm-toolchain device-lab
 	$(PY) -m pytest
 
 clean:

@@ -75,27 +75,41 @@ def print_export_summary(record: dict, output: Path) -> None:
 @app.command()
 def profile(
     artifact: Path = typer.Argument(..., help="a .pte file"),
-    device: str = typer.Option("local", "--device", help="where to run (local)"),
+    device: str = typer.Option("local", "--device", help="where to run: local or ssh://user@host[:port][?identity=KEY&known_hosts=FILE]"),
     runs: int = typer.Option(100, "--runs", help="timed runs (at least)"),
     warmup: int = typer.Option(10, "--warmup", help="untimed runs first"),
     threads: int = typer.Option(1, "--threads", help="runtime threads (1 = comparable, noise-free default)"),
-    runtime: str = typer.Option("python", "--runtime", help="python (ExecuTorch's Python runtime) or cpp (the torch-free C++ runner)"),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="python (ExecuTorch's Python runtime; local default) or cpp (the torch-free C++ runner; the only one on remote devices)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full result as JSON here"),
 ):
     """Time ARTIFACT on a device: load, first run, steady-state percentiles, peak memory."""
     from edgesparse._io import write_json_atomic
     from edgesparse.devices import profile as run_profile
 
-    result = run_profile(artifact, device, runs=runs, warmup=warmup, threads=threads, runtime=runtime)
+    options = {"runtime": runtime} if runtime else {}
+    result = run_profile(artifact, device, runs=runs, warmup=warmup, threads=threads, **options)
     table = Table(title=f"{artifact.name} on {device}, {result['runtime']} ({result['threads']} thread(s), {result['count']} runs)")
-    for col in ("load ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "peak RSS MB"):
+    for col in ("load ms", "first ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "std ms", "peak RSS MB"):
         table.add_column(col, justify="right")
-    table.add_row(*(f"{result[k]:.3f}" for k in ("load_ms", "first_run_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")),
+    table.add_row(*(f"{result[k]:.3f}" for k in ("load_ms", "first_run_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "std_ms")),
                   f"{result['peak_rss_mb']:.1f}")
     out.print(table)
     if json_out:
         write_json_atomic(json_out, result)
         out.print(f"wrote {json_out}")
+
+
+@app.command()
+def devices():
+    """List the devices edgesparse can reach: this machine and the configured ssh hosts."""
+    from edgesparse.devices.transports import list_devices
+
+    table = Table(title="devices (use the spec with --device)")
+    for col in ("spec", "kind", "note"):
+        table.add_column(col)
+    for row in list_devices():
+        table.add_row(row["spec"], row["kind"], row["note"])
+    out.print(table)
 
 
 bench_app = typer.Typer(help="Benchmarks: ours vs baselines from the same run (interleaved, medians).")

@@ -133,6 +133,37 @@ class ActSparseLinear(_SparseModule):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
 
+class ActSparseGatedMLP(_SparseModule):
+    """A gated MLP `down(act(gate(x)) * up(x))` (LLaMA / SmolLM2 SwiGLU with act = SiLU) whose
+    neurons with |act(gate x)| <= threshold are skipped (CATS), run by
+    edgesparse::actsparse_gated_mlp. The gate runs dense; each neuron's up row and down column are
+    stored together (`bundle`), so a live neuron's weights are one contiguous read and a dead
+    one's are never touched. threshold < 0 keeps every neuron (the dense MLP)."""
+
+    op, op_name, onnx_op = torch.ops.edgesparse.actsparse_gated_mlp, "actsparse_gated_mlp", "ActSparseGatedMLP"
+    operands = ("gate", "bundle", "gate_bias", "up_bias", "down_bias")
+    attrs = ("threshold", "activation")
+    kernel_name = "edgesparse::actsparse_gated_mlp (f32)"
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, threshold: float = 0.0, activation: str = "silu"):
+        super().__init__()
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)} (got {activation!r})")
+        if not (gate.weight.shape == up.weight.shape and down.in_features == up.out_features):
+            raise ValueError("gate and up must be [hidden, in] and down [out, hidden]")
+
+        def bias(linear):
+            return None if linear.bias is None else linear.bias.detach().float().clone()
+
+        self.register_buffer("gate", gate.weight.detach().float().contiguous())
+        self.register_buffer("bundle", torch.cat([up.weight.detach().float(), down.weight.detach().float().t()], dim=1).contiguous())
+        self.register_buffer("gate_bias", bias(gate))
+        self.register_buffer("up_bias", bias(up))
+        self.register_buffer("down_bias", bias(down))
+        self.threshold, self.activation = float(threshold), ops.ACTIVATIONS[activation]
+        self.in_features, self.out_features = gate.in_features, down.out_features
+
+
 def block_shape_for(pattern: Pattern) -> tuple[int, int] | None:
     """The BCSR block (R, C) a pattern packs into, or None when BCSR has no kernel for it."""
     if pattern.kind == "unstructured":

@@ -71,6 +71,24 @@ def _actsparse(x, weight_t, bias, threshold):
 _define("actsparse_linear", "Tensor x, Tensor weight_t, Tensor? bias, float threshold", _actsparse,
         lambda x, weight_t, *a: weight_t.shape[1])
 
+ACTIVATIONS = {"silu": 0, "relu": 1}  # the C kernels' ES_ACT_* codes
+
+
+# Activation-sparse gated MLP (CATS on SwiGLU): gate [hidden, in] dense; bundle [hidden, in + out]
+# holds each neuron's up row and down column; neurons with |act(gate x)| <= threshold are skipped.
+def _gated_mlp(x, gate, bundle, gate_bias, up_bias, down_bias, threshold, activation):
+    inp = gate.shape[1]
+    g = F.linear(x, gate, gate_bias)
+    a = torch.relu(g) if activation == ACTIVATIONS["relu"] else F.silu(g)
+    h = torch.where(a.abs() > threshold, a * F.linear(x, bundle[:, :inp], up_bias), torch.zeros_like(a))
+    y = h @ bundle[:, inp:]
+    return y if down_bias is None else y + down_bias
+
+
+_define("actsparse_gated_mlp", "Tensor x, Tensor gate, Tensor bundle, Tensor? gate_bias, Tensor? up_bias, "
+        "Tensor? down_bias, float threshold, int activation", _gated_mlp,
+        lambda x, gate, bundle, *a: bundle.shape[1] - gate.shape[1])
+
 
 # int8 BCSR Rx1 linear: int8 values (grouped by four blocks, formats.pack_qs8_bcsr) with
 # per-output-channel scales, activations quantized per row inside the op (dynamic). The eager

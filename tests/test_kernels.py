@@ -379,6 +379,38 @@ def test_activation_sparse_linear_matches_torch_everywhere(threshold, tmp_path):
     torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation,biases", [("silu", False), ("relu", True)])
+def test_gated_mlp_skips_dead_neurons_and_matches_torch_everywhere(activation, biases, tmp_path):
+    """CATS on a SwiGLU MLP: eager op, .pte (ExecuTorch kernel) and ONNX Runtime node, one and two
+    threads, equal torch's down(act(gate x) * up x) with the neurons below the threshold zeroed;
+    a negative threshold is the dense MLP."""
+    from edgesparse.converters.executorch import load_method, lower, run_pte
+    from edgesparse.runtime_kernels.modules import ActSparseGatedMLP
+
+    torch.manual_seed(2)
+    gate, up, down = nn.Linear(96, 320, bias=biases), nn.Linear(96, 320, bias=biases), nn.Linear(320, 80, bias=biases)
+    x = torch.randn(3, 96)
+    act = F.silu if activation == "silu" else torch.relu
+    with torch.no_grad():
+        a = act(gate(x))
+        threshold = float(a.abs().flatten().quantile(0.6))  # 60% of the neurons dead
+        want = down(torch.where(a.abs() > threshold, a, 0.0) * up(x))
+        dense = down(a * up(x))
+    for t, expected in ((threshold, want), (-1.0, dense)):
+        module = ActSparseGatedMLP(gate, up, down, t, activation).eval()
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+        path = tmp_path / "gated.pte"
+        path.write_bytes(lower(module, (x,)).buffer)
+        torch.testing.assert_close(run_pte(load_method(path), (x,)), expected, rtol=1e-5, atol=1e-5)
+    onnx_path = tmp_path / "gated.onnx"
+    module.threshold = threshold
+    torch.onnx.export(module, (x,), str(onnx_path), dynamo=True, external_data=False)
+    for threads in (1, 2):
+        session = edgesparse.ort_session(onnx_path, threads=threads)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rows", [1, 4, 8])
 def test_int8_sparse_linear_matches_the_integer_reference(rows, tmp_path):
     """The C quantizer equals torch's bit for bit (so the eager op is the integer reference the

@@ -25,6 +25,12 @@ bool fail(KernelRuntimeContext& ctx, const char* op, const char* why) {
   return false;
 }
 
+bool optional_float(const std::optional<Tensor>& t, int64_t numel) {
+  return !t.has_value() || (t->scalar_type() == ScalarType::Float && t->numel() == numel);
+}
+
+const float* data_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->const_data_ptr<float>() : nullptr; }
+
 // BCSR operands: `values` of the given dtype (Float, or Char for int8), int32 indices whose sizes
 // agree (es_bcsr_check), an optional float bias [out_features], and x [..., in] (or NCHW) float.
 bool check_weights(KernelRuntimeContext& ctx, const char* op, const Tensor& values, const Tensor& col_idx,
@@ -37,8 +43,7 @@ bool check_weights(KernelRuntimeContext& ctx, const char* op, const Tensor& valu
   if (const char* why = es_bcsr_check(out_features, in_features, block_rows, block_cols,
                                       row_ptr.const_data_ptr<int32_t>(), row_ptr.numel(), col_idx.numel(), values.numel()))
     return fail(ctx, op, why);
-  if (bias.has_value() && (bias->scalar_type() != ScalarType::Float || bias->numel() != out_features))
-    return fail(ctx, op, "bias must be float [out_features]");
+  if (!optional_float(bias, out_features)) return fail(ctx, op, "bias must be float [out_features]");
   return true;
 }
 
@@ -91,7 +96,7 @@ es_bcsr_f32 describe(const Tensor& values, const Tensor& col_idx, const Tensor& 
   return es_bcsr_f32{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
                      static_cast<size_t>(block_rows), static_cast<size_t>(block_cols), values.const_data_ptr<float>(),
                      col_idx.const_data_ptr<int32_t>(), row_ptr.const_data_ptr<int32_t>(),
-                     bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+                     data_or_null(bias)};
 }
 
 // the row blocks of w and the multiply-adds of one call over `rows` input rows (or pixels)
@@ -139,8 +144,7 @@ bool check_nm(KernelRuntimeContext& ctx, const char* op, const Tensor& values, c
       in_features < 1 || out_features < 1)
     return fail(ctx, op, "malformed N:M weights (float values, uint8 idx, positive sizes)");
   if (const char* why = es_nm_check(out_features, in_features, n, m, values.numel(), idx.numel())) return fail(ctx, op, why);
-  if (bias.has_value() && (bias->scalar_type() != ScalarType::Float || bias->numel() != out_features))
-    return fail(ctx, op, "bias must be float [out_features]");
+  if (!optional_float(bias, out_features)) return fail(ctx, op, "bias must be float [out_features]");
   return true;
 }
 
@@ -148,7 +152,7 @@ es_nm_f32 describe_nm(const Tensor& values, const Tensor& idx, const std::option
                       int64_t in_features, int64_t out_features) {
   return es_nm_f32{static_cast<size_t>(out_features), static_cast<size_t>(in_features), static_cast<size_t>(n),
                    static_cast<size_t>(m), values.const_data_ptr<float>(), idx.const_data_ptr<uint8_t>(),
-                   bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+                   data_or_null(bias)};
 }
 
 Tensor& nm_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& idx,
@@ -188,14 +192,14 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
                              const std::optional<Tensor>& bias, double threshold, Tensor& out) {
   const bool ok = x.scalar_type() == ScalarType::Float && weight_t.scalar_type() == ScalarType::Float &&
                   weight_t.dim() == 2 && x.dim() >= 1 && x.size(x.dim() - 1) == weight_t.size(0) &&
-                  (!bias.has_value() || (bias->scalar_type() == ScalarType::Float && bias->numel() == weight_t.size(1)));
+                  optional_float(bias, weight_t.size(1));
   if (!ok) {
     fail(ctx, "actsparse_linear", "float x [..., in], weight_t [in, out], bias [out] expected");
     return out;
   }
   if (!resize_last_dim(ctx, x, weight_t.size(1), out)) return out;
   const es_actsparse_f32 w{static_cast<size_t>(weight_t.size(1)), static_cast<size_t>(weight_t.size(0)),
-                           weight_t.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+                           weight_t.const_data_ptr<float>(), data_or_null(bias), 0};
   const size_t rows = static_cast<size_t>(x.numel() / weight_t.size(0));
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
@@ -204,6 +208,45 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(65536 / (256 * w.in * rows + 1)));
   executorch::extension::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     es_f32_actsparse_linear_cols(&w, static_cast<float>(threshold), rows, xp, yp, static_cast<size_t>(c0) * 256,
+                                 std::min(w.out, static_cast<size_t>(c1) * 256));
+  });
+  return out;
+}
+
+// Gated MLP (CATS): x [..., in]; gate [hidden, in]; bundle [hidden, in + out]. Threads split the
+// neurons (gate, up: fills h), then the output columns (down).
+Tensor& actsparse_gated_mlp_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& gate, const Tensor& bundle,
+                                const std::optional<Tensor>& gate_bias, const std::optional<Tensor>& up_bias,
+                                const std::optional<Tensor>& down_bias, double threshold, int64_t activation,
+                                Tensor& out) {
+  const bool ok = x.scalar_type() == ScalarType::Float && gate.scalar_type() == ScalarType::Float &&
+                  bundle.scalar_type() == ScalarType::Float && gate.dim() == 2 && bundle.dim() == 2 &&
+                  bundle.size(0) == gate.size(0) && bundle.size(1) > gate.size(1) && x.dim() >= 1 &&
+                  x.size(x.dim() - 1) == gate.size(1) && optional_float(gate_bias, gate.size(0)) &&
+                  optional_float(up_bias, gate.size(0)) && optional_float(down_bias, bundle.size(1) - gate.size(1)) &&
+                  (activation == ES_ACT_SILU || activation == ES_ACT_RELU);
+  if (!ok) {
+    fail(ctx, "actsparse_gated_mlp", "float x [..., in], gate [hidden, in], bundle [hidden, in + out], biases, activation 0/1 expected");
+    return out;
+  }
+  const size_t in = static_cast<size_t>(gate.size(1)), hidden = static_cast<size_t>(gate.size(0));
+  const es_gated_mlp_f32 w{in, hidden, static_cast<size_t>(bundle.size(1)) - in, gate.const_data_ptr<float>(),
+                           bundle.const_data_ptr<float>(), data_or_null(gate_bias), data_or_null(up_bias),
+                           data_or_null(down_bias), static_cast<int>(activation)};
+  if (!resize_last_dim(ctx, x, static_cast<int64_t>(w.out), out)) return out;
+  const size_t rows = static_cast<size_t>(x.numel()) / in;
+  thread_local std::vector<float> h;  // grows to the largest call seen, then is reused
+  h.resize(rows * hidden);
+  float* hp = h.data();
+  const float* xp = x.const_data_ptr<float>();
+  const float t = static_cast<float>(threshold);
+  executorch::extension::parallel_for(0, static_cast<int64_t>(hidden), std::max<int64_t>(1, 32768 / (2 * in * rows + 1)),
+                                      [&](int64_t i0, int64_t i1) { es_f32_gated_mlp_hidden(&w, t, rows, xp, hp, i0, i1); });
+  const es_actsparse_f32 down = es_gated_mlp_down(&w);
+  float* yp = out.mutable_data_ptr<float>();
+  const int64_t chunks = static_cast<int64_t>((w.out + 255) / 256);
+  executorch::extension::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    es_f32_actsparse_linear_cols(&down, 0.0f, rows, hp, yp, static_cast<size_t>(c0) * 256,
                                  std::min(w.out, static_cast<size_t>(c1) * 256));
   });
   return out;
@@ -225,7 +268,7 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   const es_bcsr_qs8 w{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
                       static_cast<size_t>(block_rows), values.const_data_ptr<int8_t>(),
                       col_idx.const_data_ptr<int32_t>(), row_ptr.const_data_ptr<int32_t>(),
-                      scales.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr};
+                      scales.const_data_ptr<float>(), data_or_null(bias)};
   const size_t rows = static_cast<size_t>(x.numel() / in_features);
   thread_local std::vector<int8_t> xq;  // grows to the largest input seen, then is reused
   thread_local std::vector<float> x_scale;
@@ -249,4 +292,5 @@ EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1.out", bcsr_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "nm_linear.out", nm_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "nm_conv1x1.out", nm_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);
+EXECUTORCH_LIBRARY(edgesparse, "actsparse_gated_mlp.out", actsparse_gated_mlp_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_bcsr_linear.out", qs8_bcsr_linear_out);

@@ -4,6 +4,7 @@
 //   NmLinear(x, values, idx, bias?)                 attrs n, m, in_features, out_features
 //   NmConv1x1(x, values, idx, bias?)                same attrs, x in NCHW
 //   ActSparseLinear(x, weight_t, bias?)             attr threshold
+//   ActSparseGatedMLP(x, gate, bundle, gate_bias?, up_bias?, down_bias?)  attrs threshold, activation
 // The nodes are what torch.onnx emits for edgesparse's sparse modules (runtime_kernels/modules.py).
 // Load with SessionOptions.register_custom_ops_library(path) or edgesparse.ort_session(path).
 // Work is split across the session's intra-op threads (intra_op_num_threads) on ORT >= 1.17, which
@@ -116,6 +117,7 @@ struct NmKernel {
 
 struct ActSparseKernel {
   float threshold = 0.0f;
+  int64_t activation = ES_ACT_SILU;  // ActSparseGatedMLP only
 };
 
 OrtStatus* optional_bias(OrtKernelContext* ctx, size_t index, int64_t out_features, const float** data) {
@@ -234,12 +236,43 @@ OrtStatus* actsparse_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
   ES_ORT_TRY(optional_bias(ctx, 2, wt.dims[1], &bias));
   ES_ORT_TRY(prepare(ctx, x, false, wt.dims[0], wt.dims[1], &y));
   const es_actsparse_f32 w{static_cast<size_t>(wt.dims[1]), static_cast<size_t>(wt.dims[0]),
-                           static_cast<const float*>(wt.data), bias};
+                           static_cast<const float*>(wt.data), bias, 0};
   const size_t rows = static_cast<size_t>(x.numel() / wt.dims[0]);
   const size_t chunks = (w.out + 255) / 256;  // whole cache lines of outputs per piece
   parallel(ctx, chunks, pieces(chunks, static_cast<int64_t>(w.in * w.out * rows)), [&](size_t c0, size_t c1) {
     es_f32_actsparse_linear_cols(&w, k.threshold, rows, static_cast<const float*>(x.data), y, c0 * 256,
                                  std::min(w.out, c1 * 256));
+  });
+  return nullptr;
+}
+
+OrtStatus* gated_mlp_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
+  View x, gate, bundle;
+  const float *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr;
+  float* y = nullptr;
+  ES_ORT_TRY(input(ctx, 0, &x));
+  ES_ORT_TRY(input(ctx, 1, &gate));
+  ES_ORT_TRY(input(ctx, 2, &bundle));
+  if (gate.type != ORT_FLOAT || bundle.type != ORT_FLOAT || gate.dims.size() != 2 || bundle.dims.size() != 2 ||
+      bundle.dims[0] != gate.dims[0] || bundle.dims[1] <= gate.dims[1] || (k.activation != ES_ACT_SILU && k.activation != ES_ACT_RELU))
+    return error("edgesparse::ActSparseGatedMLP: gate [hidden, in], bundle [hidden, in + out] float, activation 0/1 expected");
+  const int64_t in = gate.dims[1], hidden = gate.dims[0], outs = bundle.dims[1] - in;
+  ES_ORT_TRY(optional_bias(ctx, 3, hidden, &gate_bias));
+  ES_ORT_TRY(optional_bias(ctx, 4, hidden, &up_bias));
+  ES_ORT_TRY(optional_bias(ctx, 5, outs, &down_bias));
+  ES_ORT_TRY(prepare(ctx, x, false, in, outs, &y));
+  const es_gated_mlp_f32 w{static_cast<size_t>(in), static_cast<size_t>(hidden), static_cast<size_t>(outs),
+                           static_cast<const float*>(gate.data), static_cast<const float*>(bundle.data),
+                           gate_bias, up_bias, down_bias, static_cast<int>(k.activation)};
+  const size_t rows = static_cast<size_t>(x.numel() / in);
+  std::vector<float> h(rows * w.hidden);
+  const float* xp = static_cast<const float*>(x.data);
+  parallel(ctx, w.hidden, pieces(w.hidden, static_cast<int64_t>(2 * w.in * w.hidden * rows)),
+           [&](size_t i0, size_t i1) { es_f32_gated_mlp_hidden(&w, k.threshold, rows, xp, h.data(), i0, i1); });
+  const es_actsparse_f32 down = es_gated_mlp_down(&w);
+  const size_t chunks = (w.out + 255) / 256;
+  parallel(ctx, chunks, pieces(chunks, static_cast<int64_t>(w.hidden * w.out * rows)), [&](size_t c0, size_t c1) {
+    es_f32_actsparse_linear_cols(&down, 0.0f, rows, h.data(), y, c0 * 256, std::min(w.out, c1 * 256));
   });
   return nullptr;
 }
@@ -254,7 +287,7 @@ struct OpDef {  // standard layout, `op` first: ORT hands back &op and def() rec
   OrtCustomOp op;
   const char* name;
   size_t input_count;
-  ONNXTensorElementDataType inputs[5];
+  ONNXTensorElementDataType inputs[6];
   size_t optional_from;  // inputs at and after this index are optional (bias)
 };
 
@@ -301,7 +334,9 @@ OrtStatus* create_nm(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* 
 
 OrtStatus* create_actsparse(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
   auto* k = new ActSparseKernel;
-  if (OrtStatus* status = g_api.call<KernelInfoGetAttribute_floatFn>(KernelInfoGetAttribute_float, info, "threshold", &k->threshold)) {
+  OrtStatus* status = g_api.call<KernelInfoGetAttribute_floatFn>(KernelInfoGetAttribute_float, info, "threshold", &k->threshold);
+  if (!status) status = int_attr_or(info, "activation", ES_ACT_SILU, &k->activation);
+  if (status) {
     delete k;
     return status;
   }
@@ -333,6 +368,9 @@ OrtCustomOp make_op(OrtStatus* (*create)(const OrtCustomOp*, const OrtApi*, cons
 }
 
 OrtStatus* compute_bcsr(void* k, OrtKernelContext* ctx) { return bcsr_compute(*static_cast<BcsrKernel*>(k), ctx); }
+OrtStatus* compute_gated_mlp(void* k, OrtKernelContext* ctx) {
+  return gated_mlp_compute(*static_cast<ActSparseKernel*>(k), ctx);
+}
 OrtStatus* compute_nm(void* k, OrtKernelContext* ctx) { return nm_compute(*static_cast<NmKernel*>(k), ctx); }
 OrtStatus* compute_actsparse(void* k, OrtKernelContext* ctx) {
   return actsparse_compute(*static_cast<ActSparseKernel*>(k), ctx);
@@ -347,6 +385,8 @@ OpDef g_ops[] = {
     {make_op(create_nm, compute_nm, destroy_nm), "NmLinear", 4, {ORT_FLOAT, ORT_FLOAT, ORT_UINT8, ORT_FLOAT}, 3},
     {make_op(create_nm, compute_nm, destroy_nm), "NmConv1x1", 4, {ORT_FLOAT, ORT_FLOAT, ORT_UINT8, ORT_FLOAT}, 3},
     {make_op(create_actsparse, compute_actsparse, destroy_actsparse), "ActSparseLinear", 3, {ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 2},
+    {make_op(create_actsparse, compute_gated_mlp, destroy_actsparse), "ActSparseGatedMLP", 6,
+     {ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 3},
 };
 
 }  // namespace

@@ -18,12 +18,15 @@ typedef void (*es_actsparse_fn)(const es_actsparse_f32*, float, size_t, const fl
 /* the N:M kernels compute the output channels [o0, o1) */
 typedef void (*es_nm_fn)(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);
 
+typedef void (*es_gated_fn)(const es_gated_mlp_f32*, float, size_t, const float*, float*, size_t, size_t);
+
 typedef void (*es_qs8_fn)(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t);
 
 #define ES_DECLARE(isa)                                                                                \
   void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
   void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
   void es_f32_actsparse_linear__##isa(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t); \
+  void es_f32_gated_mlp_hidden__##isa(const es_gated_mlp_f32*, float, size_t, const float*, float*, size_t, size_t); \
   void es_qs8_bcsr_linear__##isa(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t); \
   void es_f32_nm_linear__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);                  \
   void es_f32_nm_conv1x1_nchw__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);
@@ -64,11 +67,13 @@ static const struct {
   es_qs8_fn qs8_linear;
   es_nm_fn nm_linear;
   es_nm_fn nm_conv1x1;
+  es_gated_fn gated_hidden;
 } es_table[] = {  /* best first */
 /* a row: its name, the ISA of its f32 kernels and the ISA of its int8 kernels */
 #define ES_ROW(name, f32, qs8)                                                                               \
   {#name, es_f32_bcsr_linear__##f32, es_f32_bcsr_conv1x1_nchw__##f32, es_f32_actsparse_linear__##f32,          \
-   es_qs8_bcsr_linear__##qs8, es_f32_nm_linear__##f32, es_f32_nm_conv1x1_nchw__##f32}
+   es_qs8_bcsr_linear__##qs8, es_f32_nm_linear__##f32, es_f32_nm_conv1x1_nchw__##f32,                           \
+   es_f32_gated_mlp_hidden__##f32}
 #if defined(__x86_64__)
     ES_ROW(avx512vnni, avx512, avx512vnni),
     ES_ROW(avx512, avx512, avx512),
@@ -168,6 +173,22 @@ void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, si
 
 void es_f32_actsparse_linear(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y) {
   es_f32_actsparse_linear_cols(w, threshold, n, x, y, 0, w->out);
+}
+
+void es_f32_gated_mlp_hidden(const es_gated_mlp_f32* w, float threshold, size_t n, const float* x, float* h,
+                             size_t i0, size_t i1) {
+  es_table[es_select()].gated_hidden(w, threshold, n, x, h, i0, i1);
+}
+
+es_actsparse_f32 es_gated_mlp_down(const es_gated_mlp_f32* w) {
+  es_actsparse_f32 down = {w->out, w->hidden, w->bundle + w->in, w->down_bias, w->in + w->out};
+  return down;
+}
+
+void es_f32_gated_mlp(const es_gated_mlp_f32* w, float threshold, size_t n, const float* x, float* h, float* y) {
+  es_f32_gated_mlp_hidden(w, threshold, n, x, h, 0, w->hidden);
+  const es_actsparse_f32 down = es_gated_mlp_down(w);
+  es_f32_actsparse_linear(&down, 0.0f, n, h, y);
 }
 
 void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq, const float* x_scale, float* y,

@@ -250,6 +250,77 @@ static void nm_tests(int* passed, int* failed) {
       }
 }
 
+/* gated MLP (CATS): SiLU and ReLU gates, with and without biases, thresholds from none to all
+ * neurons dead, phases split as threads would split them. Thresholds are nudged away from every
+ * |act(gate)| so float and double agree on which neurons live. */
+static void gated_tests(int* passed, int* failed) {
+  const size_t shapes[][4] = {{64, 48, 40, 1}, {67, 130, 33, 3}, {1, 1, 1, 1}, {130, 600, 17, 2}, {256, 300, 256, 1}};
+  const float thresholds[] = {-1.0f, 0.0f, 0.1f, 0.4f, 100.0f};
+  for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+    for (int act = 0; act < 2; act++)
+      for (int with_bias = 0; with_bias < 2; with_bias++)
+        for (size_t t = 0; t < sizeof(thresholds) / sizeof(thresholds[0]); t++) {
+          size_t in = shapes[s][0], hidden = shapes[s][1], out = shapes[s][2], n = shapes[s][3];
+          float* gate = malloc(hidden * in * sizeof(float));
+          float* bundle = malloc(hidden * (in + out) * sizeof(float));
+          float* gb = malloc(hidden * sizeof(float));
+          float* ub = malloc(hidden * sizeof(float));
+          float* db = malloc(out * sizeof(float));
+          float* x = malloc(n * in * sizeof(float));
+          for (size_t i = 0; i < hidden * in; i++) gate[i] = frand() * 0.3f;
+          for (size_t i = 0; i < hidden * (in + out); i++) bundle[i] = frand();
+          for (size_t i = 0; i < hidden; i++) { gb[i] = frand(); ub[i] = frand(); }
+          for (size_t i = 0; i < out; i++) db[i] = frand();
+          for (size_t i = 0; i < n * in; i++) x[i] = frand();
+          double* a = malloc(n * hidden * sizeof(double));
+          for (size_t r = 0; r < n; r++)
+            for (size_t i = 0; i < hidden; i++) {
+              double g = with_bias ? gb[i] : 0.0;
+              for (size_t c = 0; c < in; c++) g += (double)gate[i * in + c] * x[r * in + c];
+              a[r * hidden + i] = act == ES_ACT_RELU ? (g > 0 ? g : 0) : g / (1.0 + exp(-g));
+            }
+          float th = thresholds[t];
+          for (int moved = 1; moved;) { /* keep the threshold clear of every |a| */
+            moved = 0;
+            for (size_t i = 0; i < n * hidden && !moved; i++)
+              if (fabs(fabs(a[i]) - th) < 1e-3) { th += 2e-3f; moved = 1; }
+          }
+          double* want = malloc(n * out * sizeof(double));
+          for (size_t r = 0; r < n; r++)
+            for (size_t o = 0; o < out; o++) {
+              double acc = with_bias ? db[o] : 0.0;
+              for (size_t i = 0; i < hidden; i++) {
+                if (!(fabs(a[r * hidden + i]) > th)) continue;
+                double u = with_bias ? ub[i] : 0.0;
+                for (size_t c = 0; c < in; c++) u += (double)bundle[i * (in + out) + c] * x[r * in + c];
+                acc += a[r * hidden + i] * u * bundle[i * (in + out) + in + o];
+              }
+              want[r * out + o] = acc;
+            }
+          es_gated_mlp_f32 w = {in, hidden, out, gate, bundle, with_bias ? gb : NULL, with_bias ? ub : NULL,
+                                with_bias ? db : NULL, act};
+          float* h = malloc(n * hidden * sizeof(float));
+          float* y = malloc(n * out * sizeof(float));
+          for (size_t isa = 0; isa < NISAS; isa++) {
+            if (es_force_isa(ISAS[isa]) != 0) continue;
+            char what[160];
+            snprintf(what, sizeof what, "%s gated in=%zu hidden=%zu out=%zu n=%zu act=%d bias=%d threshold=%.3f", ISAS[isa], in, hidden, out, n, act, with_bias, th);
+            es_f32_gated_mlp(&w, th, n, x, h, y);
+            close_enough(y, want, n * out, what) ? (*passed)++ : (*failed)++;
+            memset(h, 0xff, n * hidden * sizeof(float));
+            memset(y, 0xff, n * out * sizeof(float));
+            es_f32_gated_mlp_hidden(&w, th, n, x, h, hidden / 3, hidden);
+            es_f32_gated_mlp_hidden(&w, th, n, x, h, 0, hidden / 3);
+            const es_actsparse_f32 down = es_gated_mlp_down(&w);
+            es_f32_actsparse_linear_cols(&down, 0.0f, n, h, y, out / 2, out);
+            es_f32_actsparse_linear_cols(&down, 0.0f, n, h, y, 0, out / 2);
+            close_enough(y, want, n * out, what) ? (*passed)++ : (*failed)++;
+          }
+          es_force_isa(NULL);
+          free(gate); free(bundle); free(gb); free(ub); free(db); free(x); free(a); free(want); free(h); free(y);
+        }
+}
+
 int main(void) {
   const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 33}, {20, 12, 7}};
   const size_t block_shapes[][2] = {{1, 1}, {2, 1}, {4, 1}, {8, 1}, {1, 2}, {1, 4}, {1, 8}, {1, 16}};
@@ -326,6 +397,7 @@ int main(void) {
         }
   nm_tests(&passed, &failed);
   actsparse_tests(&passed, &failed);
+  gated_tests(&passed, &failed);
   qs8_tests(&passed, &failed);
   printf("dispatch picks: %s\n", es_f32_bcsr_isa());
   printf("%d passed, %d failed\n", passed, failed);

@@ -81,14 +81,41 @@ void es_f32_nm_conv1x1_nchw_outs(const es_nm_f32* w, size_t pixels, const float*
 typedef struct {
   size_t out;
   size_t in;
-  const float* weight_t;  /* [in, out] */
+  const float* weight_t;  /* [in, out]: row c at weight_t + c * stride */
   const float* bias;      /* [out] or NULL */
+  size_t stride;          /* floats between weight rows; 0 means out */
 } es_actsparse_f32;
 
 void es_f32_actsparse_linear(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y);
 /* output columns [o0, o1) only: disjoint ranges write disjoint outputs (threads split them) */
 void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, size_t n, const float* x, float* y,
                                   size_t o0, size_t o1);
+
+/* Activation-sparse gated MLP (CATS on LLaMA-style SwiGLU), with gate/up/down bundled per neuron:
+ *   a = act(gate x + gate_bias)       dense: the gate decides which neurons live
+ *   h_i = |a_i| > threshold ? a_i * (up_i x + up_bias_i) : 0
+ *   y = down h + down_bias            only the live neurons' columns are read
+ * bundle row i = [up row i (in floats) | down column i (out floats)], so a live neuron's up and
+ * down weights are one contiguous stream and a dead one costs nothing past its gate row.
+ * Two phases, each split-able across threads: es_f32_gated_mlp_hidden fills h for neurons
+ * [i0, i1); the down projection is es_f32_actsparse_linear_cols on es_gated_mlp_down(w) with
+ * threshold 0 (dead neurons have h exactly 0). */
+enum { ES_ACT_SILU = 0, ES_ACT_RELU = 1 };
+typedef struct {
+  size_t in, hidden, out;
+  const float* gate;       /* [hidden, in] */
+  const float* bundle;     /* [hidden, in + out] */
+  const float* gate_bias;  /* [hidden] or NULL */
+  const float* up_bias;    /* [hidden] or NULL */
+  const float* down_bias;  /* [out] or NULL */
+  int act;                 /* ES_ACT_SILU or ES_ACT_RELU */
+} es_gated_mlp_f32;
+
+void es_f32_gated_mlp_hidden(const es_gated_mlp_f32* w, float threshold, size_t n, const float* x, float* h,
+                             size_t i0, size_t i1);
+es_actsparse_f32 es_gated_mlp_down(const es_gated_mlp_f32* w);
+/* both phases, one thread; h is scratch [n, hidden] */
+void es_f32_gated_mlp(const es_gated_mlp_f32* w, float threshold, size_t n, const float* x, float* h, float* y);
 
 /* int8 BCSR Rx1 linear (weights int8 with per-output-channel scales, activations int8 with a
  * per-row dynamic scale, int32 accumulation). Blocks as in es_bcsr_f32 (C = 1), but in groups of

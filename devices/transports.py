@@ -1,0 +1,203 @@
+"""How edgesparse reaches a device: one small interface (run, push, pull, info), one class per kind.
+
+    local                          this machine
+    ssh://user@host[:port]         a Jetson or any Linux board, through the system `ssh` client:
+                                   keys, config and known_hosts from the usual places, host keys
+                                   checked (an unknown host is refused, never trusted on first use).
+                                   Query options for what ~/.ssh/config would otherwise say:
+                                   ?identity=PATH&known_hosts=PATH&timeout=SECONDS
+
+Every remote command is an argv list, quoted with shlex for the remote shell, so paths with spaces
+or `;` stay one argument. Files move through the same ssh channel (`cat`), so there is one code
+path to get right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import subprocess
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgesparse.errors import EdgesparseError
+
+DEVICE_FORMS = "local, ssh://user@host[:port]"
+
+# Device state in `key=value` lines: one POSIX sh script for Linux boards, Jetsons and Android.
+STATE_SCRIPT = r"""
+echo "machine=$(uname -m)"
+echo "kernel=$(uname -r)"
+echo "cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN)"
+echo "cpu=$(grep -m1 -E '^(model name|Hardware|Model)' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//')"
+echo "governor=$(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null)"
+echo "cpu0_khz=$(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq 2>/dev/null)"
+echo "temps_milli_c=$(cat /sys/class/thermal/thermal_zone*/temp 2>/dev/null | tr '\n' ' ')"
+echo "android_model=$(getprop ro.product.model 2>/dev/null)"
+echo "android_thermal=$(getprop sys.thermal.status 2>/dev/null)"
+echo "nvpmodel=$(nvpmodel -q 2>/dev/null | tr '\n' ' ')"
+echo "mem_total_kb=$(grep -m1 MemTotal /proc/meminfo 2>/dev/null | tr -s ' ' | cut -d' ' -f2)"
+"""
+
+
+def parse_state(text: str) -> dict:
+    """The state script's output as a dict: empty values dropped, numbers as numbers."""
+    state: dict = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        value = value.strip()
+        if not sep or not value:
+            continue
+        if key == "temps_milli_c":
+            state["temps_c"] = [int(v) / 1000 for v in value.split() if v.lstrip("-").isdigit()]
+        elif key in ("cores", "cpu0_khz", "mem_total_kb") and value.isdigit():
+            state[key] = int(value)
+        else:
+            state[key] = value
+    return state
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Transport:
+    """run an argv, move files, describe the device. Errors name the device and the stage."""
+
+    spec = "local"
+    remote = False
+
+    def shell(self, argv: list[str]) -> list[str]:
+        """The local command that runs argv on the device."""
+        raise NotImplementedError
+
+    def _exec(self, argv: list[str], stage: str, timeout: float, stdin: bytes | None = None,
+              check: bool = True) -> tuple[int, bytes, str]:
+        try:
+            proc = subprocess.run(self.shell(argv), input=stdin, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EdgesparseError(f"{self.spec}: {stage} timed out after {timeout:.0f} s") from None
+        except OSError as exc:
+            raise EdgesparseError(f"{self.spec}: {stage} failed: {exc.strerror}") from None
+        stderr = proc.stderr.decode(errors="replace")
+        self.check_connection(proc.returncode, stderr, stage)
+        if check and proc.returncode:
+            last = (stderr.strip() or proc.stdout.decode(errors="replace").strip() or "no output").splitlines()[-1]
+            raise EdgesparseError(f"{self.spec}: {stage} failed (exit {proc.returncode}): {last.strip()}")
+        return proc.returncode, proc.stdout, stderr
+
+    def run(self, argv: list[str], stage: str, timeout: float = 600, check: bool = True) -> Result:
+        code, out, err = self._exec(argv, stage, timeout, check=check)
+        return Result(code, out.decode(errors="replace"), err)
+
+    def check_connection(self, returncode: int, stderr: str, stage: str) -> None:
+        """Raise if the device was never reached (as opposed to: the command failed on it)."""
+
+    def push(self, local: Path, remote: str, timeout: float = 600) -> None:
+        self._exec(["sh", "-c", 'cat > "$1"', "push", remote], f"copying {Path(local).name} to the device", timeout,
+                   stdin=Path(local).read_bytes())
+
+    def pull(self, remote: str, local: Path, timeout: float = 600) -> None:
+        """Into a temp file next to `local`, then renamed: never a half-written file."""
+        _, data, _ = self._exec(["cat", remote], f"copying {remote} from the device", timeout)
+        tmp = Path(f"{local}.part")
+        tmp.write_bytes(data)
+        os.replace(tmp, local)
+
+    def info(self) -> dict:
+        return parse_state(self.run(["sh", "-c", STATE_SCRIPT], "reading the device state", 60).stdout)
+
+    @contextlib.contextmanager
+    def temp_dir(self):
+        """A fresh directory on the device, removed afterwards whatever happens in between."""
+        path = self.run(["mktemp", "-d", "/tmp/edgesparse.XXXXXX"], "creating a temp dir", 60).stdout.strip()
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(EdgesparseError):
+                self.run(["rm", "-rf", path], "removing the temp dir", 60, check=False)
+
+
+class Local(Transport):
+    def shell(self, argv: list[str]) -> list[str]:
+        return list(argv)
+
+
+@dataclass
+class Ssh(Transport):
+    user: str | None
+    host: str
+    port: int = 22
+    identity: str | None = None
+    known_hosts: str | None = None
+    connect_timeout: float = 10
+    spec: str = field(default="")
+    remote = True
+
+    def __post_init__(self):
+        self.spec = self.spec or f"ssh://{self.user + '@' if self.user else ''}{self.host}:{self.port}"
+
+    def shell(self, argv: list[str]) -> list[str]:
+        cmd = ["ssh", "-p", str(self.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+               "-o", f"ConnectTimeout={self.connect_timeout:g}", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+        if self.identity:
+            cmd += ["-i", self.identity, "-o", "IdentitiesOnly=yes"]
+        if self.known_hosts:
+            cmd += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        target = f"{self.user}@{self.host}" if self.user else self.host
+        return cmd + [target, "--", shlex.join(argv)]
+
+    def check_connection(self, returncode: int, stderr: str, stage: str) -> None:
+        # ssh exits 255 for its own errors (refused, unreachable, host key, auth); otherwise it
+        # passes the remote command's exit status through
+        if returncode == 255:
+            why = (stderr.strip() or "no reason given").splitlines()[-1].strip()
+            raise EdgesparseError(f"{self.spec}: {stage}: ssh could not reach the device: {why}")
+
+
+def parse_device(spec: str) -> Transport:
+    spec = str(spec).strip()
+    if spec == "local":
+        return Local()
+    url = urllib.parse.urlsplit(spec)
+    if url.scheme == "ssh" and url.hostname:
+        query = dict(urllib.parse.parse_qsl(url.query))
+        unknown = set(query) - {"identity", "known_hosts", "timeout"}
+        if unknown:
+            raise EdgesparseError(f"unknown ssh option(s) {', '.join(sorted(unknown))} in {spec!r}",
+                                  hint="use identity=, known_hosts= or timeout=")
+        try:
+            port = url.port or 22
+            timeout = float(query.get("timeout", 10))
+        except ValueError:
+            raise EdgesparseError(f"bad port or timeout in {spec!r}") from None
+        return Ssh(url.username, url.hostname, port, query.get("identity"), query.get("known_hosts"), timeout,
+                   spec=spec.split("?")[0])
+    raise EdgesparseError(f"unknown device {spec!r} (available: {DEVICE_FORMS})")
+
+
+def ssh_config_hosts(config: Path | None = None) -> list[str]:
+    """The concrete `Host` names in an ssh config (default ~/.ssh/config; patterns skipped)."""
+    config = config or Path.home() / ".ssh" / "config"
+    try:
+        lines = config.read_text().splitlines()
+    except OSError:
+        return []
+    hosts = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0].lower() == "host":
+            hosts += [h for h in words[1:] if not any(c in h for c in "*?!")]
+    return list(dict.fromkeys(hosts))
+
+
+def list_devices() -> list[dict]:
+    """What `edgesparse devices` shows: this machine and the configured ssh hosts (as specs)."""
+    rows = [{"spec": "local", "kind": "local", "note": "this machine"}]
+    rows += [{"spec": f"ssh://{host}", "kind": "ssh", "note": "from ~/.ssh/config"} for host in ssh_config_hosts()]
+    return rows

@@ -1,0 +1,83 @@
+"""Real device stand-ins for tests, started by the tests themselves and stopped by PID.
+
+sshd: OpenSSH's daemon on 127.0.0.1 at a free port, from a temp dir, with throwaway host and
+client keys; the client trusts exactly that host key (known_hosts written here), nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require(tool: str, path: str, package: str) -> None:
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have {tool} ({package}; `make device-lab` installs it)")
+        pytest.skip(f"{tool} not installed (make device-lab)")
+
+
+@dataclass
+class Sshd:
+    port: int
+    key: Path
+    known_hosts: Path
+    process: subprocess.Popen
+
+    @property
+    def spec(self) -> str:
+        user = os.environ.get("USER") or "root"
+        return f"ssh://{user}@127.0.0.1:{self.port}?identity={self.key}&known_hosts={self.known_hosts}"
+
+
+def start_sshd(folder: Path) -> Sshd:
+    require("sshd", SSHD, "openssh-server")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
+    (folder / "authorized_keys").write_text((folder / "client.pub").read_text())
+    os.chmod(folder / "authorized_keys", 0o600)
+    port = free_port()
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host'}\nPidFile {folder / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")],
+                               stdout=subprocess.DEVNULL, stderr=open(folder / "sshd.log", "w"))
+    host_key = (folder / "host.pub").read_text().split()[:2]
+    (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_key)}\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"sshd exited: {(folder / 'sshd.log').read_text()[-500:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return Sshd(port, folder / "client", folder / "known_hosts", process)
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("sshd did not start listening within 10 s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

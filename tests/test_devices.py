@@ -1,0 +1,103 @@
+"""Device transports and remote profiling against real components: an sshd on 127.0.0.1 started
+here (throwaway keys, host keys checked), the real ssh client, the C++ runner."""
+
+import glob
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgesparse.devices import parse_device, profile
+from edgesparse.devices.transports import Local, parse_state
+from edgesparse.errors import EdgesparseError
+from device_lab import free_port, start_sshd, stop
+
+PROFILE_FIELDS = {"load_ms", "first_run_ms", "count", "mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms",
+                  "p99_ms", "peak_rss_mb", "bytes", "sha256", "device_state", "memory_note", "runtime"}
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    stop(server.process)
+
+
+@pytest.fixture(scope="module")
+def pte(tmp_path_factory, digits):
+    from edgesparse import Recipe, export_model
+    from edgesparse.recipe import PruneConfig
+
+    folder = tmp_path_factory.mktemp("export")
+    export_model(digits, Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:4x1")), folder, finetune=False)
+    return folder / "model.pte"
+
+
+def test_device_specs_parse_or_fail_in_one_line():
+    assert isinstance(parse_device("local"), Local)
+    ssh = parse_device("ssh://nvidia@jetson.local:2222?identity=/k&timeout=3")
+    assert (ssh.user, ssh.host, ssh.port, ssh.identity, ssh.connect_timeout) == ("nvidia", "jetson.local", 2222, "/k", 3.0)
+    assert parse_device("ssh://board").port == 22
+    for bad, why in (("toaster", "unknown device"), ("ssh://h?color=red", "unknown ssh option"), ("ssh://h:x", "bad port")):
+        with pytest.raises(EdgesparseError, match=why):
+            parse_device(bad)
+
+
+def test_devices_lists_local_and_the_configured_ssh_hosts(tmp_path):
+    from edgesparse.devices.transports import ssh_config_hosts
+
+    config = tmp_path / "config"
+    config.write_text("Host jetson orin-*\n  HostName 10.0.0.5\nHost *\n  ServerAliveInterval 5\nhost pi\n")
+    assert ssh_config_hosts(config) == ["jetson", "pi"]
+    proc = subprocess.run([sys.executable, "-m", "edgesparse.cli", "devices"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "local" in proc.stdout
+
+
+def test_device_state_script_runs_here():
+    state = Local().info()
+    assert state["machine"] and state["cores"] >= 1 and state["mem_total_kb"] > 0
+    assert parse_state("temps_milli_c=41000 39500 \ncores=8\ngovernor=\n") == {"temps_c": [41.0, 39.5], "cores": 8}
+
+
+def test_ssh_transport_quotes_arguments_and_moves_files(sshd, tmp_path):
+    device = parse_device(sshd.spec)
+    with device.temp_dir() as remote:
+        name = "a b; touch pwned; $(touch pwned2) 'q\""
+        src = tmp_path / "src.bin"
+        src.write_bytes(bytes(range(256)) * 100)
+        device.push(src, f"{remote}/{name}")
+        assert device.run(["ls", "-A", remote], "listing").stdout.splitlines() == [name]
+        assert device.run(["sh", "-c", "ls pwned pwned2"], "checking", check=False).returncode != 0  # nothing else ran
+        device.pull(f"{remote}/{name}", tmp_path / "back.bin")
+        assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+        assert device.run(["sh", "-c", "exit 3"], "exiting", check=False).returncode == 3
+    assert device.run(["test", "-e", remote], "checking", check=False).returncode == 1  # temp dir removed
+
+
+def test_profile_over_ssh_reports_the_fields_and_cleans_up(sshd, pte, tmp_path):
+    before = set(glob.glob("/tmp/edgesparse.*"))
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "edgesparse.cli", "profile", str(pte), "--device", sshd.spec,
+                           "--runs", "20", "--warmup", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    result = json.loads(out.read_text())
+    assert PROFILE_FIELDS <= result.keys()
+    assert result["runtime"] == "executorch-cpp" and result["count"] >= 20 and result["device"] == sshd.spec.split("?")[0]
+    assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    assert result["device_state"]["before"]["cores"] >= 1 and "machine" in result["device_state"]["after"]
+    assert set(glob.glob("/tmp/edgesparse.*")) == before  # the remote temp dir is gone
+
+
+def test_profile_on_an_unknown_host_key_or_dead_device_fails_cleanly(sshd, pte, tmp_path):
+    untrusted = tmp_path / "empty_known_hosts"
+    untrusted.write_text("")
+    spec = sshd.spec.replace(str(sshd.known_hosts), str(untrusted))
+    with pytest.raises(EdgesparseError, match="ssh could not reach the device: Host key verification failed"):
+        profile(pte, spec, runs=2)
+    dead = sshd.spec.replace(f":{sshd.port}?", f":{free_port()}?")
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "edgesparse.cli", "profile", str(pte), "--device", dead, "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Connection refused" in proc.stderr.strip().splitlines()[-1]
+    assert not out.exists() and not list(tmp_path.glob("*.part"))
