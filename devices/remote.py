@@ -13,10 +13,17 @@ import subprocess
 from pathlib import Path
 
 from edgesparse.devices.local import check_artifact, finish, parse_runner_output
+from edgesparse.devices.tegrastats import energy_per_inference
 from edgesparse.devices.transports import Transport
 from edgesparse.errors import EdgesparseError
 
 SYSTEM_LIB_DIRS = ("/lib", "/usr/lib", "/lib64", "/usr/lib64")
+
+# sh -c RUN_WITH_TELEMETRY run DIR CMD...: CMD's exit status, with tegrastats (a Jetson) sampling
+# every 100 ms into DIR/tegrastats.log while it runs
+RUN_WITH_TELEMETRY = ('d="$1"; shift; t=; if command -v tegrastats >/dev/null 2>&1; then '
+                      'tegrastats --interval 100 > "$d/tegrastats.log" 2>/dev/null & t=$!; fi; '
+                      '"$@"; rc=$?; [ -n "$t" ] && kill "$t" 2>/dev/null; exit $rc')
 
 
 def runner_bundle() -> list[Path]:
@@ -50,8 +57,15 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
         transport.push(bundle[0], f"{tmp}/edgesparse_runner")
         transport.push(path, f"{tmp}/model{path.suffix}")
         transport.run(["chmod", "+x", f"{tmp}/edgesparse_runner"], "preparing the runner", 60)
-        proc = transport.run(["env", f"LD_LIBRARY_PATH={tmp}/lib", f"{tmp}/edgesparse_runner", f"{tmp}/model{path.suffix}",
-                              "--runs", str(runs), "--warmup", str(warmup)], "running the model", timeout, check=False)
+        proc = transport.run(["sh", "-c", RUN_WITH_TELEMETRY, "run", tmp, "env", f"LD_LIBRARY_PATH={tmp}/lib",
+                              f"{tmp}/edgesparse_runner", f"{tmp}/model{path.suffix}", "--runs", str(runs),
+                              "--warmup", str(warmup)], "running the model", timeout, check=False)
         result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, f"on {transport.spec}")
+        telemetry = transport.run(["sh", "-c", 'cat "$1" 2>/dev/null || true', "read", f"{tmp}/tegrastats.log"],
+                                  "reading tegrastats", 60).stdout.splitlines()
     result.update(device=transport.spec, threads="runtime default")
-    return finish(result, path, before, transport.info())
+    result = finish(result, path, before, transport.info())
+    if energy := energy_per_inference(telemetry, result["mean_ms"]):
+        result["energy"] = energy | {"note": "board input power (tegrastats, every 100 ms during the run, static power "
+                                             "included) times the mean latency"}
+    return result

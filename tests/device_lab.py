@@ -45,9 +45,26 @@ class Sshd:
         return f"ssh://{user}@127.0.0.1:{self.port}?identity={self.key}&known_hosts={self.known_hosts}"
 
 
-def start_sshd(folder: Path) -> Sshd:
+# A stand-in for NVIDIA's tegrastats on the test "board": r36-format lines every 100 ms.
+FAKE_TEGRASTATS = """#!/bin/sh
+while :; do
+  echo "$(date '+%m-%d-%Y %H:%M:%S') RAM 3105/7620MB (lfb 12x4MB) SWAP 0/3810MB (cached 0MB) CPU [12%@1510,off] \
+GR3D_FREQ 0% cpu@48.5C CV0@-256C VDD_IN 5000mW/4987mW VDD_CPU_GPU_CV 842mW/801mW VDD_SOC 1457mW/1440mW"
+  sleep 0.1
+done
+"""
+
+
+def start_sshd(folder: Path, jetson: bool = False) -> Sshd:
+    """jetson=True: sessions find a fake `tegrastats` on their PATH (sshd's SetEnv)."""
     require("sshd", SSHD, "openssh-server")
     folder.mkdir(parents=True, exist_ok=True)
+    setenv = ""
+    if jetson:
+        (folder / "bin").mkdir(exist_ok=True)
+        (folder / "bin" / "tegrastats").write_text(FAKE_TEGRASTATS)
+        os.chmod(folder / "bin" / "tegrastats", 0o755)
+        setenv = f"SetEnv PATH={folder / 'bin'}:/usr/local/bin:/usr/bin:/bin\n"
     for name in ("host", "client"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
     (folder / "authorized_keys").write_text((folder / "client.pub").read_text())
@@ -56,7 +73,7 @@ def start_sshd(folder: Path) -> Sshd:
     (folder / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host'}\nPidFile {folder / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n")
+        "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n" + setenv)
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")],
                                stdout=subprocess.DEVNULL, stderr=open(folder / "sshd.log", "w"))

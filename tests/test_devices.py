@@ -25,6 +25,14 @@ def sshd(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def jetson(tmp_path_factory):
+    """An ssh 'board' whose sessions have a (stand-in) tegrastats on their PATH."""
+    server = start_sshd(tmp_path_factory.mktemp("jetson"), jetson=True)
+    yield server
+    stop(server.process)
+
+
+@pytest.fixture(scope="module")
 def pte(tmp_path_factory, digits):
     from edgesparse import Recipe, export_model
     from edgesparse.recipe import PruneConfig
@@ -87,6 +95,38 @@ def test_profile_over_ssh_reports_the_fields_and_cleans_up(sshd, pte, tmp_path):
     assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
     assert result["device_state"]["before"]["cores"] >= 1 and "machine" in result["device_state"]["after"]
     assert set(glob.glob("/tmp/edgesparse.*")) == before  # the remote temp dir is gone
+
+
+def test_jetson_energy_per_inference_from_tegrastats(jetson, pte):
+    result = profile(pte, jetson.spec, runs=3000, warmup=5)  # long enough for a few 100 ms samples
+    energy = result["energy"]
+    assert energy["rail"] == "VDD_IN" and energy["samples"] >= 1 and energy["mean_power_mw"] == 5000
+    assert energy["energy_per_inference_mj"] == pytest.approx(5000 * result["mean_ms"] / 1000)
+
+
+def test_tegrastats_lines_of_r32_r35_and_r36_boards():
+    from edgesparse.devices.tegrastats import energy_per_inference, parse_line
+
+    orin_nano = ("11-22-2026 11:20:01 RAM 3105/7620MB (lfb 12x4MB) SWAP 0/3810MB (cached 0MB) CPU [12%@1510,3%@1510,off] "
+                 "GR3D_FREQ 0% cpu@48.5C soc2@47.25C gpu@47.093C tj@48.5C VDD_IN 5104mW/4987mW VDD_CPU_GPU_CV 842mW/801mW "
+                 "VDD_SOC 1457mW/1440mW")
+    agx_root = ("11-22-2026 11:20:01 RAM 9000/30536MB (lfb 2x4MB) SWAP 0/15268MB (cached 0MB) CPU [1%@2201,0%@2201] "
+                "EMC_FREQ 3%@2133 GR3D_FREQ 41%@[305,305] VIC_FREQ 115 APE 174 CV0@-256C cpu@45.1C "
+                "VDD_GPU_SOC 3000mW/2900mW VDD_CPU_CV 800mW/790mW VIN_SYS_5V0 4000mW/3900mW NC 0mW/0mW")
+    nano_r32 = ("RAM 1500/3964MB (lfb 300x4MB) SWAP 0/1982MB (cached 0MB) IRAM 0/252kB(lfb 252kB) CPU [5%@102,off] "
+                "EMC_FREQ 0%@1600 GR3D_FREQ 0%@76 APE 25 PLL@30C CPU@32.5C thermal@31.75C POM_5V_IN 2130/2130 POM_5V_CPU 205/205")
+    a = parse_line(orin_nano)
+    assert a["ram_used_mb"] == 3105 and a["cpu"] == [{"load_pct": 12, "mhz": 1510}, {"load_pct": 3, "mhz": 1510}, None]
+    assert a["temps_c"]["tj"] == 48.5 and a["rails"]["VDD_SOC"] == {"mw": 1457, "avg_mw": 1440}
+    b = parse_line(agx_root)
+    assert b["gpu_load_pct"] == 41 and "CV0" not in b["temps_c"] and "NC" not in b["rails"]
+    c = parse_line(nano_r32)
+    assert c["rails"]["POM_5V_IN"]["mw"] == 2130 and c["temps_c"]["thermal"] == 31.75 and "IRAM" not in c["rails"]
+    assert parse_line("tegrastats: command not found") is None
+    assert energy_per_inference([orin_nano, orin_nano.replace("VDD_IN 5104", "VDD_IN 5296")], 2.0)["energy_per_inference_mj"] == 10.4
+    assert energy_per_inference([agx_root], 1.0)["rail"] == "VIN_SYS_5V0"
+    assert energy_per_inference([nano_r32], 1.0)["rail"] == "POM_5V_IN"
+    assert energy_per_inference(["garbage"], 1.0) is None
 
 
 def test_profile_on_an_unknown_host_key_or_dead_device_fails_cleanly(sshd, pte, tmp_path):
