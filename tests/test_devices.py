@@ -129,6 +129,15 @@ def test_tegrastats_lines_of_r32_r35_and_r36_boards():
     assert energy_per_inference(["garbage"], 1.0) is None
 
 
+def test_a_model_the_runner_rejects_fails_cleanly_over_ssh(sshd, pte, tmp_path):
+    before = set(glob.glob("/tmp/edgesparse.*"))
+    truncated = tmp_path / "truncated.pte"
+    truncated.write_bytes(pte.read_bytes()[:2000])
+    with pytest.raises(EdgesparseError, match=r"could not run truncated.pte on ssh://.*: "):
+        profile(truncated, sshd.spec, runs=2)
+    assert set(glob.glob("/tmp/edgesparse.*")) == before
+
+
 def test_profile_on_an_unknown_host_key_or_dead_device_fails_cleanly(sshd, pte, tmp_path):
     untrusted = tmp_path / "empty_known_hosts"
     untrusted.write_text("")
