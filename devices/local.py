@@ -14,7 +14,7 @@ import numpy as np
 from edgesparse._io import sha256_file
 from edgesparse.errors import EdgesparseError
 
-RUNNERS = {".pte": "edgesparse.devices.pte_bench"}
+RUNNERS = {".pte": "edgesparse.devices.child", ".onnx": "edgesparse.devices.child"}
 RUNTIMES = ("python", "cpp")
 
 
@@ -63,6 +63,8 @@ def check_artifact(artifact: str | Path, runs: int, warmup: int, threads: int, r
         raise EdgesparseError("--runs and --threads must be >= 1 and --warmup >= 0")
     if runtime not in RUNTIMES:
         raise EdgesparseError(f"unknown runtime {runtime!r} (available: {', '.join(RUNTIMES)})")
+    if runtime == "cpp" and path.suffix != ".pte":
+        raise EdgesparseError(f"the C++ runner runs .pte files, not {path.name}", hint="profile .onnx with --runtime python")
     return path
 
 
@@ -89,6 +91,7 @@ def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threa
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise EdgesparseError(f"profiling {path.name} timed out after {timeout:.0f} s") from None
-    result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, "in ExecuTorch")
+    where = "in ONNX Runtime" if path.suffix == ".onnx" else "in ExecuTorch"
+    result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, where)
     result.setdefault("threads", "runtime default" if runtime == "cpp" else threads)
     return finish(result, path, before, Local().info())

@@ -74,7 +74,7 @@ def print_export_summary(record: dict, output: Path) -> None:
 
 @app.command()
 def profile(
-    artifact: Path = typer.Argument(..., help="a .pte file"),
+    artifact: Path = typer.Argument(..., help="a .pte or .onnx file"),
     device: str = typer.Option("local", "--device", help="where to run: local or ssh://user@host[:port][?identity=KEY&known_hosts=FILE]"),
     runs: int = typer.Option(100, "--runs", help="timed runs (at least)"),
     warmup: int = typer.Option(10, "--warmup", help="untimed runs first"),

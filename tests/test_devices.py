@@ -52,6 +52,19 @@ def test_device_specs_parse_or_fail_in_one_line():
             parse_device(bad)
 
 
+def test_local_profile_of_onnx_and_pte_has_the_fields(digits, tmp_path):
+    from edgesparse import Recipe, export_model
+    from edgesparse.recipe import PruneConfig
+
+    export_model(digits, Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:4x1")), tmp_path, formats=["pte", "onnx"],
+                 finetune=False)
+    for name, runtime in (("model.onnx", "onnxruntime"), ("model.pte", "executorch-python")):
+        result = profile(tmp_path / name, "local", runs=20, warmup=2)
+        assert PROFILE_FIELDS <= result.keys() and result["runtime"] == runtime and result["count"] == 20
+    with pytest.raises(EdgesparseError, match="the C\\+\\+ runner runs .pte files"):
+        profile(tmp_path / "model.onnx", "local", runtime="cpp")
+
+
 def test_devices_lists_local_and_the_configured_ssh_hosts(tmp_path):
     from edgesparse.devices.transports import ssh_config_hosts
 

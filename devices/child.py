@@ -1,7 +1,8 @@
-"""Child process that times one .pte in the ExecuTorch Python runtime and prints a JSON line.
+"""Child process that times one artifact and prints a JSON line: a .pte in ExecuTorch's Python
+runtime, a .onnx in ONNX Runtime (with the edgesparse op library registered).
 
 Run in its own process so its peak RSS (VmHWM) belongs to this model alone:
-    python -m edgesparse.devices.pte_bench model.pte --runs 100 --warmup 10 --threads 1
+    python -m edgesparse.devices.child model.pte --runs 100 --warmup 10 --threads 1
 """
 
 from __future__ import annotations
@@ -39,7 +40,23 @@ def _inputs(meta):
     return tensors
 
 
-def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float) -> dict:
+def _time(call, runs: int, warmup: int, min_seconds: float) -> tuple[float, list[float]]:
+    """(first call ms, steady-state times ms after `warmup` untimed calls)."""
+    t0 = time.perf_counter()
+    call()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(warmup):
+        call()
+    times = []
+    started = time.perf_counter()
+    while len(times) < runs or time.perf_counter() - started < min_seconds:
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return first_ms, times
+
+
+def bench_pte(path: str, threads: int) -> tuple[str, float, object, list]:
     import torch
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
@@ -49,33 +66,44 @@ def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float) -
     load_executorch_ops()
     torch.set_num_threads(threads)
     portable_lib._unsafe_reset_threadpool(threads)
-    runtime = Runtime.get()
-    rss_before = _status_mb("VmRSS")
     t0 = time.perf_counter()
-    program = runtime.load_program(path)
+    program = Runtime.get().load_program(path)
     method = program.load_method("forward")
     load_ms = (time.perf_counter() - t0) * 1e3
     inputs = _inputs(program.metadata("forward"))
+    return "executorch-python", load_ms, lambda: method.execute(inputs), [list(t.shape) for t in inputs]
+
+
+def bench_onnx(path: str, threads: int) -> tuple[str, float, object, list]:
+    import numpy as np
+
+    from edgesparse.runtime_kernels import ort_session
+
     t0 = time.perf_counter()
-    method.execute(inputs)
-    first_ms = (time.perf_counter() - t0) * 1e3
-    for _ in range(warmup):
-        method.execute(inputs)
-    times = []
-    started = time.perf_counter()
-    while len(times) < runs or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        method.execute(inputs)
-        times.append((time.perf_counter() - t0) * 1e3)
+    session = ort_session(path, threads=threads)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    rng = np.random.default_rng(0)
+    feed = {}
+    for arg in session.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in arg.shape]  # symbolic dims: 1
+        feed[arg.name] = (rng.standard_normal(shape).astype(np.float32) if "float" in arg.type
+                          else rng.integers(0, 8, shape).astype(np.int64))
+    return "onnxruntime", load_ms, lambda: session.run(None, feed), [list(v.shape) for v in feed.values()]
+
+
+def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float) -> dict:
+    rss_before = _status_mb("VmRSS")
+    runtime, load_ms, call, shapes = (bench_onnx if path.endswith(".onnx") else bench_pte)(path, threads)
+    first_ms, times = _time(call, runs, warmup, min_seconds)
     return {
-        "runtime": "executorch-python",
+        "runtime": runtime,
         "threads": threads,
         "load_ms": load_ms,
         "first_run_ms": first_ms,
         "times_ms": times,
         "rss_before_load_mb": rss_before,
         "peak_rss_mb": _status_mb("VmHWM"),
-        "input_shapes": [list(t.shape) for t in inputs],
+        "input_shapes": shapes,
     }
 
 
