@@ -100,6 +100,63 @@ def profile(
 
 
 @app.command()
+def sweep(
+    model: str = typer.Argument(..., help="demo:NAME, a .pt2 file or module:factory"),
+    prune: str = typer.Option("0,0.5,0.8,0.9", "--prune", help="sparsities, comma-separated"),
+    quant: str = typer.Option("none,int8", "--quant", help="quantization modes, comma-separated"),
+    fmt: str = typer.Option("pte,onnx", "--format", help="formats, comma-separated"),
+    pattern: str = typer.Option("block:4x1", "--pattern", help="pruning pattern for sparsities > 0"),
+    device: str = typer.Option("local", "--device", help="where to profile (see `edgesparse devices`)"),
+    runs: int = typer.Option(100, "--runs"),
+    finetune_steps: int = typer.Option(300, "--finetune-steps", help="gradual pruning steps per pruned cell (built-in demos)"),
+    output: Path = typer.Option(Path("sweep"), "-o", "--output", help="folder: results.jsonl (resumable), pareto.png, cells"),
+):
+    """Export + profile every (prune, quant, format) cell; a rerun skips finished cells."""
+    from edgesparse.devices.sweep import parse_grid, sweep as run_sweep
+
+    rows = run_sweep(model, parse_grid(prune, float), parse_grid(quant, str), parse_grid(fmt, str), device, output,
+                     pattern=pattern, runs=runs, finetune_steps=finetune_steps)
+    table = Table(title=f"{model} sweep on {device} ({output / 'results.jsonl'})")
+    for col in ("prune", "quant", "format", "accuracy", "p50 us", "p90 us", "size KiB", "peak RSS MB", "sparse layers"):
+        table.add_column(col, justify="right")
+    notes = []
+    for r in rows:
+        if "skipped" in r:
+            table.add_row(f"{r['prune']:g}", r["quant"], r["format"], "[dim]skipped", "", "", "", "", "")
+            notes.append(f"prune {r['prune']:g} / {r['quant']} / {r['format']}: {r['skipped']}")
+            continue
+        accuracy = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
+        table.add_row(f"{r['prune']:g}", r["quant"], r["format"], accuracy, f"{1e3 * r['p50_ms']:.1f}", f"{1e3 * r['p90_ms']:.1f}",
+                      f"{r['bytes'] / 1024:.1f}", f"{r['peak_rss_mb']:.1f}", str(r["sparse_layers"]))
+    out.print(table)
+    for note in notes:
+        out.print(f"[dim]skipped {note}")
+    out.print(f"wrote {output / 'pareto.png'}")
+
+
+@app.command()
+def compare(
+    a: Path = typer.Argument(..., help="profile JSON (the baseline)"),
+    b: Path = typer.Argument(..., help="profile JSON (the candidate)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the comparison as JSON here"),
+):
+    """What changed from profile A to profile B, with the noise band of the median."""
+    from edgesparse._io import write_json_atomic
+    from edgesparse.devices.compare import compare as run_compare, load_profile
+
+    result = run_compare(load_profile(a), load_profile(b))
+    table = Table(title=f"{a.name} -> {b.name}: {result['verdict']} (p50 noise band +-{result['p50_noise_ms']:.4f} ms)")
+    for col in ("metric", "A", "B", "delta", "delta %"):
+        table.add_column(col, justify="right")
+    for row in result["rows"]:
+        table.add_row(row["metric"], f"{row['a']:.4f}", f"{row['b']:.4f}", f"{row['delta']:+.4f}", f"{row['delta_pct']:+.1f}%")
+    out.print(table)
+    if json_out:
+        write_json_atomic(json_out, result)
+        out.print(f"wrote {json_out}")
+
+
+@app.command()
 def devices():
     """List the devices edgesparse can reach: this machine and the configured ssh hosts."""
     from edgesparse.devices.transports import list_devices

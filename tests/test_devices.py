@@ -65,6 +65,27 @@ def test_local_profile_of_onnx_and_pte_has_the_fields(digits, tmp_path):
         profile(tmp_path / "model.onnx", "local", runtime="cpp")
 
 
+def test_compare_reports_deltas_and_the_noise_band(tmp_path):
+    from edgesparse.devices.compare import compare
+
+    base = {"p50_ms": 1.0, "p90_ms": 1.2, "p99_ms": 1.5, "mean_ms": 1.05, "min_ms": 0.9, "std_ms": 0.1, "count": 100,
+            "load_ms": 5.0, "first_run_ms": 2.0, "peak_rss_mb": 50.0}
+    fast = dict(base, p50_ms=0.5, peak_rss_mb=40.0)
+    same = dict(base, p50_ms=1.01)
+    assert compare(base, fast)["verdict"] == "B is faster" and compare(base, fast)["speedup_p50"] == 2.0
+    assert compare(base, same)["verdict"] == "within noise"  # 0.01 ms < 2 * 1.2533 * 0.1 / 10 * sqrt(2)
+    rss = next(r for r in compare(base, fast)["rows"] if r["metric"] == "peak_rss_mb")
+    assert rss["delta"] == -10 and rss["delta_pct"] == -20
+    (tmp_path / "a.json").write_text(json.dumps(base))
+    (tmp_path / "b.json").write_text(json.dumps(fast))
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    cli = [sys.executable, "-m", "edgesparse.cli", "compare"]
+    proc = subprocess.run([*cli, str(tmp_path / "a.json"), str(tmp_path / "b.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "B is faster" in proc.stdout
+    proc = subprocess.run([*cli, str(tmp_path / "a.json"), str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not an `edgesparse profile --json` result" in proc.stderr
+
+
 def test_devices_lists_local_and_the_configured_ssh_hosts(tmp_path):
     from edgesparse.devices.transports import ssh_config_hosts
 
@@ -163,3 +184,23 @@ def test_profile_on_an_unknown_host_key_or_dead_device_fails_cleanly(sshd, pte, 
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Connection refused" in proc.stderr.strip().splitlines()[-1]
     assert not out.exists() and not list(tmp_path.glob("*.part"))
+
+
+@pytest.mark.slow
+def test_sweep_writes_rows_table_and_plot_and_resumes(tmp_path):
+    from edgesparse.devices.sweep import read_rows, sweep
+
+    out = tmp_path / "sweep"
+    rows = sweep("demo:digits-cnn", [0.0, 0.9], ["none"], ["pte"], "local", out, runs=5, warmup=1, finetune_steps=0)
+    assert [(r["prune"], r["format"]) for r in rows] == [(0.0, "pte"), (0.9, "pte")]
+    assert all({"accuracy", "p50_ms", "bytes", "peak_rss_mb"} <= r.keys() for r in rows)
+    assert rows[1]["sparse_layers"] > 0 and rows[1]["bytes"] < rows[0]["bytes"]
+    png = (out / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    lines = (out / "results.jsonl").read_text().splitlines()
+    # a killed run leaves a torn last line: ignored, and the finished cells are not redone
+    (out / "results.jsonl").write_text("\n".join(lines[:1]) + "\n" + lines[1][:20])
+    again = sweep("demo:digits-cnn", [0.0, 0.9], ["none"], ["pte"], "local", out, runs=5, warmup=1, finetune_steps=0)
+    assert [r["key"] for r in again] == [r["key"] for r in rows]
+    assert len(read_rows(out / "results.jsonl")) == 2 and (out / "results.jsonl").read_text().count("prune0-") == 1
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3  # row, torn line, redone row
