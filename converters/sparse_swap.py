@@ -18,11 +18,16 @@ from torch import nn
 from edgesparse.prune import LayerPlan
 
 KernelFactory = Callable[[nn.Module, LayerPlan], "nn.Module | None"]
-_KERNELS: dict[tuple[str, str], tuple[str, KernelFactory]] = {}
+_KERNELS: dict[tuple[str, str], tuple[str, KernelFactory, bool]] = {}  # (name, factory, builtin)
 
 
-def register_kernel(pattern_kind: str, dtype: str, name: str, factory: KernelFactory) -> None:
-    _KERNELS[(pattern_kind, dtype)] = (name, factory)
+def register_kernel(pattern_kind: str, dtype: str, name: str, factory: KernelFactory, builtin: bool = False) -> None:
+    """builtin=True (edgesparse's own kernels): only if nothing else is registered for that
+    pattern kind and dtype, so a user's kernel always takes precedence."""
+    key = (pattern_kind, dtype)
+    if builtin and key in _KERNELS and not _KERNELS[key][2]:
+        return
+    _KERNELS[key] = (name, factory, builtin)
 
 
 def unregister_kernel(pattern_kind: str, dtype: str) -> None:
@@ -79,7 +84,7 @@ def swap_sparse_layers(model: nn.Module, plans: list[LayerPlan], example_inputs:
         entry = _KERNELS.get((plan.pattern.split(":")[0], plan.dtype))
         if entry is None:
             continue
-        name, factory = entry
+        name, factory, _ = entry
         parent_name, _, child = plan.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         replacement = factory(getattr(parent, child), plan)

@@ -3,7 +3,8 @@
 Every variant of a case is a one-layer program run through the same call of its runtime (the
 ExecuTorch Python runtime for dense XNNPACK fp32, dense XNNPACK int8 and our sparse .pte, fp32 and,
 for linear layers, int8; ONNX Runtime for its MatMul/Conv), so call overhead is the same on both
-sides. Rounds interleave the variants (A, B, C, A, B, C, ...) so they see the same machine load,
+sides. Dense kernels do not look at the values, so each shape's dense programs are built once
+(from its first case's layer) and timed again, interleaved, in every case of that shape. Rounds interleave the variants (A, B, C, A, B, C, ...) so they see the same machine load,
 and each reported time is the median over rounds of per-round medians. One thread unless --threads says otherwise.
 """
 
@@ -188,14 +189,17 @@ def bench_kernels(quick: bool = False, threads: int = 1, rounds: int | None = No
     all_cases = cases(quick)
     with tempfile.TemporaryDirectory() as tmp, _progress.bar("benchmarking kernels", len(all_cases)) as advance:
         folder = Path(tmp)
+        baselines: dict[tuple, dict] = {}
         for index, case in enumerate(all_cases):
             layer, x = _layer(case), case.example()
-            variants = {
-                "ours": _pte_runner(_sparse(layer, case, x), x, folder, f"sparse{index}")[0],
-                "xnnpack-fp32": _pte_runner(layer, x, folder, f"dense{index}")[0],
-                "xnnpack-int8": _pte_runner(layer, x, folder, f"int8_{index}", "int8" if case.op == "conv1x1" else "int8-dynamic")[0],
-                "onnxruntime-fp32": _ort_runner(layer, case, x, threads),
-            }
+            shape = (case.op, case.inp, case.out, case.rows)
+            if shape not in baselines:  # dense kernels' speed does not depend on the values: one build per shape
+                baselines[shape] = {
+                    "xnnpack-fp32": _pte_runner(layer, x, folder, f"dense{index}")[0],
+                    "xnnpack-int8": _pte_runner(layer, x, folder, f"int8_{index}", "int8" if case.op == "conv1x1" else "int8-dynamic")[0],
+                    "onnxruntime-fp32": _ort_runner(layer, case, x, threads),
+                }
+            variants = {"ours": _pte_runner(_sparse(layer, case, x), x, folder, f"sparse{index}")[0], **baselines[shape]}
             if (int8 := _sparse_int8(layer, case)) is not None:  # int8 sparse against int8 dense
                 variants["ours-int8"] = _pte_runner(int8, x, folder, f"qsparse{index}")[0]
             per_round = {name: [] for name in variants}
@@ -271,3 +275,33 @@ def to_markdown(rows: list[dict]) -> str:
             cells.append(f"{q['ours_ms']:.3f}" if q else "")
             lines.append(f"| {op} | {shape} | {pattern} | {group['xnnpack-fp32']['ours_ms']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def bench_runner(artifact: Path, rounds: int = 5, runs: int = 500, warmup: int = 20, threads: int = 1) -> dict:
+    """The profiler's own overhead: p50 through `edgesparse profile` (a child process running the
+    runtime's loop) against a bare loop over the same method in this process, interleaved rounds,
+    medians of the per-round p50s."""
+    from executorch.extension.pybindings import portable_lib
+
+    from edgesparse.converters.executorch import load_method
+    from edgesparse.devices import profile
+    from edgesparse.devices.child import _inputs
+    from edgesparse.runtime_kernels import load_executorch_ops
+
+    load_executorch_ops()
+    torch.set_num_threads(threads)
+    with native_stderr():
+        portable_lib._unsafe_reset_threadpool(threads)
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(str(artifact))
+    method = load_method(artifact)
+    inputs = _inputs(program.metadata("forward"))
+    profiled, bare = [], []
+    for _ in range(rounds):
+        profiled.append(profile(artifact, "local", runs=runs, warmup=warmup, threads=threads)["p50_ms"])
+        bare.append(_median_ms(lambda: method.execute(inputs), runs, warmup))
+    ours, base = statistics.median(profiled), statistics.median(bare)
+    return {"artifact": str(artifact), "threads": threads, "rounds": rounds, "runs": runs, "profile_p50_ms": ours,
+            "bare_loop_p50_ms": base, "overhead_pct": 100 * (ours - base) / base,
+            "per_round": {"profile": profiled, "bare": bare}}

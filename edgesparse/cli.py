@@ -216,6 +216,30 @@ def bench_kernels_cmd(
         out.print(f"wrote {markdown_out}")
 
 
+@bench_app.command("runner")
+def bench_runner_cmd(
+    artifact: Path = typer.Argument(..., help="a .pte file"),
+    rounds: int = typer.Option(5, "--rounds"),
+    runs: int = typer.Option(500, "--runs"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the result as JSON here"),
+):
+    """The profiler's overhead: `profile` p50 vs a bare execute() loop, same run, interleaved."""
+    from edgesparse._io import write_json_atomic
+    from edgesparse.bench import bench_runner
+
+    if not artifact.is_file():
+        raise EdgesparseError(f"artifact not found: {artifact}")
+    result = bench_runner(artifact, rounds=rounds, runs=runs)
+    table = Table(title=f"profiler overhead on {artifact.name} ({rounds} rounds x {runs} runs, medians)")
+    for col in ("profile p50 ms", "bare loop p50 ms", "overhead"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{result['profile_p50_ms']:.4f}", f"{result['bare_loop_p50_ms']:.4f}", f"{result['overhead_pct']:+.2f}%")
+    out.print(table)
+    if json_out:
+        write_json_atomic(json_out, result)
+        out.print(f"wrote {json_out}")
+
+
 @app.command()
 def demo(
     model: str = typer.Option("demo:digits-cnn", "--model", help="built-in demo model"),
@@ -256,3 +280,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -25,7 +25,8 @@ class _NM(ctypes.Structure):
 
 
 class _ActSparse(ctypes.Structure):
-    _fields_ = [("out", ctypes.c_size_t), ("in_", ctypes.c_size_t), ("weight_t", _f32p), ("bias", _f32p)]
+    _fields_ = [("out", ctypes.c_size_t), ("in_", ctypes.c_size_t), ("weight_t", _f32p), ("bias", _f32p),
+                ("stride", ctypes.c_size_t)]  # 0: rows of `out` floats
 
 
 _lib = None

@@ -215,4 +215,4 @@ def register() -> None:
     from edgesparse.converters.sparse_swap import register_kernel
 
     for kind in ("block", "unstructured", "nm"):
-        register_kernel(kind, "float32", "edgesparse-sparse", swap_factory)
+        register_kernel(kind, "float32", "edgesparse-sparse", swap_factory, builtin=True)

@@ -65,6 +65,15 @@ def test_local_profile_of_onnx_and_pte_has_the_fields(digits, tmp_path):
         profile(tmp_path / "model.onnx", "local", runtime="cpp")
 
 
+def test_bench_runner_reports_profile_and_bare_loop_from_one_run(pte):
+    from edgesparse.bench import bench_runner
+
+    result = bench_runner(pte, rounds=2, runs=30, warmup=3)
+    assert len(result["per_round"]["profile"]) == len(result["per_round"]["bare"]) == 2
+    assert result["profile_p50_ms"] > 0 and result["bare_loop_p50_ms"] > 0
+    assert result["overhead_pct"] == pytest.approx(100 * (result["profile_p50_ms"] / result["bare_loop_p50_ms"] - 1))
+
+
 def test_compare_reports_deltas_and_the_noise_band(tmp_path):
     from edgesparse.devices.compare import compare
 

@@ -125,7 +125,7 @@ def test_sparse_kernel_seam_swaps_layers_before_export(tmp_path):
             return nn.functional.linear(x, w, self.bias)
 
     seen = []
-    # N:M has no kernel of its own yet, so this registration does not displace a real one
+    # a user's registration takes precedence over edgesparse's own N:M kernel
     sparse_swap.register_kernel("nm", "float32", "test-swap", lambda m, plan: seen.append(plan.name) or Swapped(m))
     try:
         record = export_model(mlp_bundle(), Recipe(prune=PruneConfig(pattern="nm:2:4")), tmp_path)
