@@ -277,30 +277,47 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The bare runtime loop, in a fresh process like the profiler's child: load, warm up, time
+# execute() calls, print the median in ms. Nothing else.
+_BARE_LOOP = """
+import statistics, sys, time, torch
+from executorch.extension.pybindings import portable_lib
+from executorch.runtime import Runtime
+from edgesparse.runtime_kernels import load_executorch_ops
+path, runs, warmup, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+load_executorch_ops()
+torch.set_num_threads(threads)
+portable_lib._unsafe_reset_threadpool(threads)
+program = Runtime.get().load_program(path)
+method = program.load_method("forward")
+meta = program.metadata("forward")
+inputs = [torch.randn(tuple(meta.input_tensor_meta(i).sizes())) for i in range(meta.num_inputs())]
+for _ in range(warmup + 1):
+    method.execute(inputs)
+times = []
+for _ in range(runs):
+    t0 = time.perf_counter()
+    method.execute(inputs)
+    times.append(time.perf_counter() - t0)
+print(statistics.median(times) * 1e3)
+"""
+
+
 def bench_runner(artifact: Path, rounds: int = 5, runs: int = 500, warmup: int = 20, threads: int = 1) -> dict:
-    """The profiler's own overhead: p50 through `edgesparse profile` (a child process running the
-    runtime's loop) against a bare loop over the same method in this process, interleaved rounds,
-    medians of the per-round p50s."""
-    from executorch.extension.pybindings import portable_lib
+    """The profiler's own overhead: p50 through `edgesparse profile` (its child process, its loop,
+    its JSON) against the bare runtime loop in an equally fresh process, interleaved rounds,
+    medians of the per-round p50s. (float32 inputs: the demo models' kind.)"""
+    import subprocess
+    import sys
 
-    from edgesparse.converters.executorch import load_method
     from edgesparse.devices import profile
-    from edgesparse.devices.child import _inputs
-    from edgesparse.runtime_kernels import load_executorch_ops
 
-    load_executorch_ops()
-    torch.set_num_threads(threads)
-    with native_stderr():
-        portable_lib._unsafe_reset_threadpool(threads)
-    from executorch.runtime import Runtime
-
-    program = Runtime.get().load_program(str(artifact))
-    method = load_method(artifact)
-    inputs = _inputs(program.metadata("forward"))
     profiled, bare = [], []
     for _ in range(rounds):
         profiled.append(profile(artifact, "local", runs=runs, warmup=warmup, threads=threads)["p50_ms"])
-        bare.append(_median_ms(lambda: method.execute(inputs), runs, warmup))
+        proc = subprocess.run([sys.executable, "-c", _BARE_LOOP, str(artifact), str(runs), str(warmup), str(threads)],
+                              capture_output=True, text=True, timeout=600, check=True)
+        bare.append(float(proc.stdout.strip().splitlines()[-1]))
     ours, base = statistics.median(profiled), statistics.median(bare)
     return {"artifact": str(artifact), "threads": threads, "rounds": rounds, "runs": runs, "profile_p50_ms": ours,
             "bare_loop_p50_ms": base, "overhead_pct": 100 * (ours - base) / base,
