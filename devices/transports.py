@@ -6,6 +6,7 @@
                                    checked (an unknown host is refused, never trusted on first use).
                                    Query options for what ~/.ssh/config would otherwise say:
                                    ?identity=PATH&known_hosts=PATH&timeout=SECONDS
+    serial:///dev/ttyX[?baud=N]    a board on a serial line running devices/agent.py (pyserial)
 
 Every remote command is an argv list, quoted with shlex for the remote shell, so paths with spaces
 or `;` stay one argument. Files move through the same ssh channel (`cat`), so there is one code
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
-DEVICE_FORMS = "local, ssh://user@host[:port]"
+DEVICE_FORMS = "local, ssh://user@host[:port], serial:///dev/ttyX?baud=N"
 
 # Device state in `key=value` lines: one POSIX sh script for Linux boards, Jetsons and Android.
 STATE_SCRIPT = r"""
@@ -67,36 +68,27 @@ class Result:
 
 
 class Transport:
-    """run an argv, move files, describe the device. Errors name the device and the stage."""
+    """run an argv, move files, describe the device. Errors name the device and the stage.
+    A kind implements `_call`: run argv there, return (exit status, stdout bytes, stderr text),
+    raising only when the device itself could not be reached."""
 
     spec = "local"
     remote = False
 
-    def shell(self, argv: list[str]) -> list[str]:
-        """The local command that runs argv on the device."""
+    def _call(self, argv: list[str], stdin: bytes | None, timeout: float, stage: str) -> tuple[int, bytes, str]:
         raise NotImplementedError
 
     def _exec(self, argv: list[str], stage: str, timeout: float, stdin: bytes | None = None,
               check: bool = True) -> tuple[int, bytes, str]:
-        try:
-            proc = subprocess.run(self.shell(argv), input=stdin, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise EdgesparseError(f"{self.spec}: {stage} timed out after {timeout:.0f} s") from None
-        except OSError as exc:
-            raise EdgesparseError(f"{self.spec}: {stage} failed: {exc.strerror}") from None
-        stderr = proc.stderr.decode(errors="replace")
-        self.check_connection(proc.returncode, stderr, stage)
-        if check and proc.returncode:
-            last = (stderr.strip() or proc.stdout.decode(errors="replace").strip() or "no output").splitlines()[-1]
-            raise EdgesparseError(f"{self.spec}: {stage} failed (exit {proc.returncode}): {last.strip()}")
-        return proc.returncode, proc.stdout, stderr
+        code, out, err = self._call(argv, stdin, timeout, stage)
+        if check and code:
+            last = (err.strip() or out.decode(errors="replace").strip() or "no output").splitlines()[-1]
+            raise EdgesparseError(f"{self.spec}: {stage} failed (exit {code}): {last.strip()}")
+        return code, out, err
 
     def run(self, argv: list[str], stage: str, timeout: float = 600, check: bool = True) -> Result:
         code, out, err = self._exec(argv, stage, timeout, check=check)
         return Result(code, out.decode(errors="replace"), err)
-
-    def check_connection(self, returncode: int, stderr: str, stage: str) -> None:
-        """Raise if the device was never reached (as opposed to: the command failed on it)."""
 
     def push(self, local: Path, remote: str, timeout: float = 600) -> None:
         self._exec(["sh", "-c", 'cat > "$1"', "push", remote], f"copying {Path(local).name} to the device", timeout,
@@ -123,13 +115,34 @@ class Transport:
                 self.run(["rm", "-rf", path], "removing the temp dir", 60, check=False)
 
 
-class Local(Transport):
+class _Process(Transport):
+    """A kind whose commands are local processes (`shell` turns a device argv into one)."""
+
+    def shell(self, argv: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    def check_connection(self, returncode: int, stderr: str, stage: str) -> None:
+        """Raise if the device was never reached (as opposed to: the command failed on it)."""
+
+    def _call(self, argv: list[str], stdin: bytes | None, timeout: float, stage: str) -> tuple[int, bytes, str]:
+        try:
+            proc = subprocess.run(self.shell(argv), input=stdin, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EdgesparseError(f"{self.spec}: {stage} timed out after {timeout:.0f} s") from None
+        except OSError as exc:
+            raise EdgesparseError(f"{self.spec}: {stage} failed: {exc.strerror}") from None
+        stderr = proc.stderr.decode(errors="replace")
+        self.check_connection(proc.returncode, stderr, stage)
+        return proc.returncode, proc.stdout, stderr
+
+
+class Local(_Process):
     def shell(self, argv: list[str]) -> list[str]:
         return list(argv)
 
 
 @dataclass
-class Ssh(Transport):
+class Ssh(_Process):
     user: str | None
     host: str
     port: int = 22
@@ -160,6 +173,52 @@ class Ssh(Transport):
             raise EdgesparseError(f"{self.spec}: {stage}: ssh could not reach the device: {why}")
 
 
+@dataclass
+class Serial(Transport):
+    """A serial line to devices/agent.py (one request line, one answer line; see agent.py)."""
+
+    port: str
+    baud: int = 115200
+    spec: str = field(default="")
+    remote = True
+
+    def __post_init__(self):
+        self.spec = self.spec or f"serial://{self.port}?baud={self.baud}"
+        self._link = None
+
+    def _ask(self, request: dict, timeout: float, stage: str) -> dict:
+        import time
+
+        import serial
+
+        from edgesparse.devices.agent import decode, encode
+
+        try:
+            if self._link is None:
+                self._link = serial.serial_for_url(self.port, baudrate=self.baud, timeout=0.05)
+            self._link.reset_input_buffer()  # nothing stale from an earlier, abandoned request
+            self._link.write(encode(request))
+            self._link.flush()
+            buffer, deadline = b"", time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                buffer += self._link.read(max(1, self._link.in_waiting))
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if (reply := decode(line)) is not None:
+                        return reply
+        except (serial.SerialException, OSError) as exc:
+            raise EdgesparseError(f"{self.spec}: {stage}: the serial link failed: {exc}") from None
+        raise EdgesparseError(f"{self.spec}: {stage}: no answer from the agent within {timeout:.0f} s",
+                              hint="is `python3 agent.py PORT` running on the device?")
+
+    def _call(self, argv: list[str], stdin: bytes | None, timeout: float, stage: str) -> tuple[int, bytes, str]:
+        import base64
+
+        request = {"op": "run", "argv": list(argv), "stdin": base64.b64encode(stdin or b"").decode(), "timeout": timeout}
+        reply = self._ask(request, timeout + 30, stage)
+        return reply["rc"], base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"]).decode(errors="replace")
+
+
 def parse_device(spec: str) -> Transport:
     spec = str(spec).strip()
     if spec == "local":
@@ -178,6 +237,11 @@ def parse_device(spec: str) -> Transport:
             raise EdgesparseError(f"bad port or timeout in {spec!r}") from None
         return Ssh(url.username, url.hostname, port, query.get("identity"), query.get("known_hosts"), timeout,
                    spec=spec.split("?")[0])
+    if url.scheme == "serial" and url.path:
+        query = dict(urllib.parse.parse_qsl(url.query))
+        if set(query) - {"baud"} or not query.get("baud", "1").isdigit():
+            raise EdgesparseError(f"bad serial options in {spec!r}", hint="only ?baud=N")
+        return Serial(url.path, int(query.get("baud", 115200)))
     raise EdgesparseError(f"unknown device {spec!r} (available: {DEVICE_FORMS})")
 
 

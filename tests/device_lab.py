@@ -98,3 +98,32 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@dataclass
+class SerialBoard:
+    """A pty pair: the host opens `port`; the agent serves the other end, like a board's console."""
+
+    port: str
+    agent: subprocess.Popen
+    fds: tuple[int, int]
+
+    @property
+    def spec(self) -> str:
+        return f"serial://{self.port}?baud=115200"
+
+
+def start_serial_agent() -> SerialBoard:
+    import sys
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)  # a raw line, as a real serial port is configured
+    agent = subprocess.Popen([sys.executable, "-m", "edgesparse.devices.agent", "--fd", str(master)], pass_fds=[master])
+    return SerialBoard(os.ttyname(slave), agent, (master, slave))
+
+
+def stop_serial_agent(board: SerialBoard) -> None:
+    stop(board.agent)
+    for fd in board.fds:
+        os.close(fd)

@@ -11,7 +11,7 @@ import pytest
 from edgesparse.devices import parse_device, profile
 from edgesparse.devices.transports import Local, parse_state
 from edgesparse.errors import EdgesparseError
-from device_lab import free_port, start_sshd, stop
+from device_lab import free_port, start_serial_agent, start_sshd, stop, stop_serial_agent
 
 PROFILE_FIELDS = {"load_ms", "first_run_ms", "count", "mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms",
                   "p99_ms", "peak_rss_mb", "bytes", "sha256", "device_state", "memory_note", "runtime"}
@@ -22,6 +22,13 @@ def sshd(tmp_path_factory):
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     stop(server.process)
+
+
+@pytest.fixture(scope="module")
+def serial_board():
+    board = start_serial_agent()
+    yield board
+    stop_serial_agent(board)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +54,9 @@ def test_device_specs_parse_or_fail_in_one_line():
     ssh = parse_device("ssh://nvidia@jetson.local:2222?identity=/k&timeout=3")
     assert (ssh.user, ssh.host, ssh.port, ssh.identity, ssh.connect_timeout) == ("nvidia", "jetson.local", 2222, "/k", 3.0)
     assert parse_device("ssh://board").port == 22
-    for bad, why in (("toaster", "unknown device"), ("ssh://h?color=red", "unknown ssh option"), ("ssh://h:x", "bad port")):
+    assert parse_device("serial:///dev/ttyUSB0?baud=921600").baud == 921600
+    for bad, why in (("toaster", "unknown device"), ("ssh://h?color=red", "unknown ssh option"), ("ssh://h:x", "bad port"),
+                     ("serial:///dev/ttyS0?baud=fast", "bad serial options")):
         with pytest.raises(EdgesparseError, match=why):
             parse_device(bad)
 
@@ -126,6 +135,7 @@ def test_ssh_transport_quotes_arguments_and_moves_files(sshd, tmp_path):
     assert device.run(["test", "-e", remote], "checking", check=False).returncode == 1  # temp dir removed
 
 
+@pytest.mark.slow
 def test_profile_over_ssh_reports_the_fields_and_cleans_up(sshd, pte, tmp_path):
     before = set(glob.glob("/tmp/edgesparse.*"))
     out = tmp_path / "out.json"
@@ -138,6 +148,43 @@ def test_profile_over_ssh_reports_the_fields_and_cleans_up(sshd, pte, tmp_path):
     assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
     assert result["device_state"]["before"]["cores"] >= 1 and "machine" in result["device_state"]["after"]
     assert set(glob.glob("/tmp/edgesparse.*")) == before  # the remote temp dir is gone
+
+
+def test_serial_transport_runs_and_moves_files(serial_board, tmp_path):
+    """pyserial over a pty pair, devices/agent.py on the other end: the same interface as ssh."""
+    device = parse_device(serial_board.spec)
+    assert device.run(["sh", "-c", "echo hi; exit 4"], "trying", check=False).returncode == 4
+    with device.temp_dir() as remote:
+        src = tmp_path / "blob"
+        src.write_bytes(bytes(range(256)) * 4000)
+        device.push(src, f"{remote}/x y;z")
+        device.pull(f"{remote}/x y;z", tmp_path / "back")
+        assert (tmp_path / "back").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.slow
+def test_profile_over_serial(serial_board, pte):
+    """The runner and its libraries (~15 MB) cross the line base64-encoded: slow by design."""
+    result = profile(pte, serial_board.spec, runs=20, warmup=2)
+    assert PROFILE_FIELDS <= result.keys() and result["count"] >= 20 and result["device"].startswith("serial://")
+
+
+def test_serial_with_no_agent_fails_in_one_line(tmp_path):
+    import os
+    import tty
+
+    from edgesparse.devices.transports import Serial
+
+    master, slave = os.openpty()  # a line with nobody on the other end
+    tty.setraw(slave)
+    try:
+        with pytest.raises(EdgesparseError, match="no answer from the agent within 1 s"):
+            Serial(os.ttyname(slave))._ask({"op": "ping"}, 1, "connecting")
+        with pytest.raises(EdgesparseError, match="serial link failed"):
+            parse_device("serial:///dev/nonexistent-tty").run(["true"], "connecting")
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def test_jetson_energy_per_inference_from_tegrastats(jetson, pte):
