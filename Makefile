@@ -44,13 +44,14 @@ arm-toolchain:
 		|| echo "note: could not install gcc/g++-aarch64-linux-gnu and qemu-user; the aarch64 kernel tests will be skipped"; \
 	else echo "note: install gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and qemu-user to run the aarch64 kernel tests"; fi
 
-# Real device stand-ins the device tests start themselves (sshd on 127.0.0.1).
+# Real device stand-ins the device tests start themselves (sshd on 127.0.0.1, the adb client
+# against tests/adbd.py).
 device-lab:
-	@if [ -x /usr/sbin/sshd ]; then exit 0; fi; \
+	@if [ -x /usr/sbin/sshd ] && command -v adb >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server) >/dev/null \
-		|| echo "note: could not install openssh-server; the ssh device tests will be skipped"; \
-	else echo "note: install openssh-server to run the ssh device tests"; fi
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server adb) >/dev/null \
+		|| echo "note: could not install openssh-server and adb; the ssh / adb device tests will be skipped"; \
+	else echo "note: install openssh-server and adb to run the ssh / adb device tests"; fi
 
 demo: $(KERNELS)
 	$(VENV)/bin/edgesparse demo

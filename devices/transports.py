@@ -6,6 +6,8 @@
                                    checked (an unknown host is refused, never trusted on first use).
                                    Query options for what ~/.ssh/config would otherwise say:
                                    ?identity=PATH&known_hosts=PATH&timeout=SECONDS
+    adb://SERIAL, adb://host:port  an Android phone (or anything running adbd) through the `adb`
+                                   client: shell v2 for exit codes, adb push / pull for files
     serial:///dev/ttyX[?baud=N]    a board on a serial line running devices/agent.py (pyserial)
 
 Every remote command is an argv list, quoted with shlex for the remote shell, so paths with spaces
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
-DEVICE_FORMS = "local, ssh://user@host[:port], serial:///dev/ttyX?baud=N"
+DEVICE_FORMS = "local, ssh://user@host[:port], adb://SERIAL, adb://host:port, serial:///dev/ttyX?baud=N"
 
 # Device state in `key=value` lines: one POSIX sh script for Linux boards, Jetsons and Android.
 STATE_SCRIPT = r"""
@@ -174,6 +176,72 @@ class Ssh(_Process):
 
 
 @dataclass
+class Adb(_Process):
+    """The `adb` client (its server and ANDROID_ADB_SERVER_PORT as usual); `host:port` serials
+    are `adb connect`ed first. Remote files live under /data/local/tmp on Android."""
+
+    serial: str
+    spec: str = field(default="")
+    remote = True
+
+    def __post_init__(self):
+        self.spec = self.spec or f"adb://{self.serial}"
+        self._connected = ":" not in self.serial
+
+    def _adb(self, *args: str) -> list[str]:
+        return ["adb", "-s", self.serial, *args]
+
+    def shell(self, argv: list[str]) -> list[str]:
+        self._connect()
+        return self._adb("shell", "-n", shlex.join(argv))  # -n: adb reads no stdin
+
+    def check_connection(self, returncode: int, stderr: str, stage: str) -> None:
+        last = (stderr.strip().splitlines() or [""])[-1]
+        if returncode and (last.startswith(("error:", "adb: error:")) or "device offline" in last or "not found" in last):
+            raise EdgesparseError(f"{self.spec}: {stage}: adb could not reach the device: {last}")
+
+    def _connect(self) -> None:
+        if self._connected:
+            return
+        try:
+            out = subprocess.run(["adb", "connect", self.serial], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise EdgesparseError(f"{self.spec}: adb connect failed: {exc}") from None
+        if not out.startswith(("connected to", "already connected")):
+            raise EdgesparseError(f"{self.spec}: adb could not reach the device: {out.strip() or 'no answer'}")
+        self._connected = True
+
+    def _file(self, args: list[str], stage: str, timeout: float) -> None:
+        self._connect()
+        try:
+            proc = subprocess.run(self._adb(*args), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise EdgesparseError(f"{self.spec}: {stage} timed out after {timeout:.0f} s") from None
+        if proc.returncode:
+            self.check_connection(proc.returncode, proc.stderr, stage)
+            raise EdgesparseError(f"{self.spec}: {stage} failed: {(proc.stderr.strip() or 'no output').splitlines()[-1]}")
+
+    def push(self, local: Path, remote: str, timeout: float = 600) -> None:
+        self._file(["push", str(local), remote], f"copying {Path(local).name} to the device", timeout)
+
+    def pull(self, remote: str, local: Path, timeout: float = 600) -> None:
+        tmp = Path(f"{local}.part")
+        self._file(["pull", remote, str(tmp)], f"copying {remote} from the device", timeout)
+        os.replace(tmp, local)
+
+    @contextlib.contextmanager
+    def temp_dir(self):
+        """Under /data/local/tmp on Android (the one place apps' shells may write), else /tmp."""
+        base = self.run(["sh", "-c", "[ -d /data/local/tmp ] && echo /data/local/tmp || echo /tmp"], "finding a temp dir", 60)
+        path = self.run(["mktemp", "-d", f"{base.stdout.strip()}/edgesparse.XXXXXX"], "creating a temp dir", 60).stdout.strip()
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(EdgesparseError):
+                self.run(["rm", "-rf", path], "removing the temp dir", 60, check=False)
+
+
+@dataclass
 class Serial(Transport):
     """A serial line to devices/agent.py (one request line, one answer line; see agent.py)."""
 
@@ -237,6 +305,8 @@ def parse_device(spec: str) -> Transport:
             raise EdgesparseError(f"bad port or timeout in {spec!r}") from None
         return Ssh(url.username, url.hostname, port, query.get("identity"), query.get("known_hosts"), timeout,
                    spec=spec.split("?")[0])
+    if url.scheme == "adb" and url.netloc:
+        return Adb(url.netloc)
     if url.scheme == "serial" and url.path:
         query = dict(urllib.parse.parse_qsl(url.query))
         if set(query) - {"baud"} or not query.get("baud", "1").isdigit():
@@ -264,4 +334,23 @@ def list_devices() -> list[dict]:
     """What `edgesparse devices` shows: this machine and the configured ssh hosts (as specs)."""
     rows = [{"spec": "local", "kind": "local", "note": "this machine"}]
     rows += [{"spec": f"ssh://{host}", "kind": "ssh", "note": "from ~/.ssh/config"} for host in ssh_config_hosts()]
+    rows += [{"spec": f"adb://{serial}", "kind": "adb", "note": state} for serial, state in adb_devices()]
+    rows += [{"spec": f"serial://{port}", "kind": "serial", "note": "needs devices/agent.py on the board"} for port in serial_ports()]
     return rows
+
+
+def adb_devices() -> list[tuple[str, str]]:
+    """(serial, state) from `adb devices` (empty without adb or its server)."""
+    try:
+        out = subprocess.run(["adb", "devices"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [tuple(line.split("\t")[:2]) for line in out.splitlines()[1:] if "\t" in line]
+
+
+def serial_ports() -> list[str]:
+    try:
+        from serial.tools import list_ports
+    except ImportError:
+        return []
+    return [port.device for port in list_ports.comports()]

@@ -127,3 +127,38 @@ def stop_serial_agent(board: SerialBoard) -> None:
     stop(board.agent)
     for fd in board.fds:
         os.close(fd)
+
+
+@dataclass
+class AdbDevice:
+    """tests/adbd.py on a free port, seen through a private adb server (ANDROID_ADB_SERVER_PORT)."""
+
+    port: int
+    daemon: subprocess.Popen
+    server_port: int
+
+    @property
+    def spec(self) -> str:
+        return f"adb://127.0.0.1:{self.port}"
+
+
+def start_adb_device() -> AdbDevice:
+    import sys
+
+    require("adb", shutil.which("adb") or "/usr/bin/adb", "adb")
+    port, server_port = free_port(), free_port()
+    daemon = subprocess.Popen([sys.executable, str(Path(__file__).with_name("adbd.py")), "--port", str(port)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    os.environ["ANDROID_ADB_SERVER_PORT"] = str(server_port)  # a private adb server, not the user's
+    return AdbDevice(port, daemon, server_port)
+
+
+def stop_adb_device(device: AdbDevice) -> None:
+    subprocess.run(["adb", "kill-server"], capture_output=True, timeout=30)
+    os.environ.pop("ANDROID_ADB_SERVER_PORT", None)
+    stop(device.daemon)

@@ -11,7 +11,8 @@ import pytest
 from edgesparse.devices import parse_device, profile
 from edgesparse.devices.transports import Local, parse_state
 from edgesparse.errors import EdgesparseError
-from device_lab import free_port, start_serial_agent, start_sshd, stop, stop_serial_agent
+from device_lab import (free_port, start_adb_device, start_serial_agent, start_sshd, stop, stop_adb_device,
+                        stop_serial_agent)
 
 PROFILE_FIELDS = {"load_ms", "first_run_ms", "count", "mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms",
                   "p99_ms", "peak_rss_mb", "bytes", "sha256", "device_state", "memory_note", "runtime"}
@@ -22,6 +23,13 @@ def sshd(tmp_path_factory):
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     stop(server.process)
+
+
+@pytest.fixture(scope="module")
+def adb_device():
+    device = start_adb_device()
+    yield device
+    stop_adb_device(device)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +63,7 @@ def test_device_specs_parse_or_fail_in_one_line():
     assert (ssh.user, ssh.host, ssh.port, ssh.identity, ssh.connect_timeout) == ("nvidia", "jetson.local", 2222, "/k", 3.0)
     assert parse_device("ssh://board").port == 22
     assert parse_device("serial:///dev/ttyUSB0?baud=921600").baud == 921600
+    assert parse_device("adb://R58M1234").serial == "R58M1234"
     for bad, why in (("toaster", "unknown device"), ("ssh://h?color=red", "unknown ssh option"), ("ssh://h:x", "bad port"),
                      ("serial:///dev/ttyS0?baud=fast", "bad serial options")):
         with pytest.raises(EdgesparseError, match=why):
@@ -148,6 +157,27 @@ def test_profile_over_ssh_reports_the_fields_and_cleans_up(sshd, pte, tmp_path):
     assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
     assert result["device_state"]["before"]["cores"] >= 1 and "machine" in result["device_state"]["after"]
     assert set(glob.glob("/tmp/edgesparse.*")) == before  # the remote temp dir is gone
+
+
+def test_adb_transport_against_the_real_client(adb_device, pte, tmp_path):
+    """The real adb client and server, our adbd on the other end: shell v2 exit codes and
+    stderr, quoting, push/pull of odd names, profile, and a dead device."""
+    device = parse_device(adb_device.spec)
+    result = device.run(["sh", "-c", "echo out; echo err >&2; exit 3"], "trying", check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    with device.temp_dir() as remote:
+        name = "a b; touch pwned; $(touch pwned2)"
+        src = tmp_path / "blob"
+        src.write_bytes(bytes(range(256)) * 4000)
+        device.push(src, f"{remote}/{name}")
+        assert device.run(["ls", "-A", remote], "listing").stdout.splitlines() == [name]
+        device.pull(f"{remote}/{name}", tmp_path / "back")
+        assert (tmp_path / "back").read_bytes() == src.read_bytes()
+    assert device.run(["test", "-e", remote], "checking", check=False).returncode == 1
+    profiled = profile(pte, adb_device.spec, runs=20, warmup=2)
+    assert PROFILE_FIELDS <= profiled.keys() and profiled["count"] >= 20 and profiled["device"] == adb_device.spec
+    with pytest.raises(EdgesparseError, match="adb could not reach the device"):
+        parse_device(f"adb://127.0.0.1:{free_port()}").run(["true"], "connecting")
 
 
 def test_serial_transport_runs_and_moves_files(serial_board, tmp_path):
