@@ -74,23 +74,27 @@ def _command(path: Path, runtime: str, runs: int, warmup: int, threads: int, min
 
         if not RUNNER.is_file():
             raise EdgesparseError("the C++ runner is not built", hint="run `make kernels`")
-        return [str(RUNNER), str(path), "--runs", str(runs), "--warmup", str(warmup)]
+        return [str(RUNNER), str(path), "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds)]
     return [sys.executable, "-m", RUNNERS[path.suffix], str(path), "--runs", str(runs), "--warmup", str(warmup),
             "--threads", str(threads), "--min-seconds", str(min_seconds)]
 
 
 def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threads: int = 1,
-                  min_seconds: float = 0.0, timeout: float = 600, runtime: str = "python") -> dict:
+                  min_seconds: float = 0.0, timeout: float = 600, runtime: str = "python",
+                  cpus: list[int] | None = None) -> dict:
     from edgesparse.devices.transports import Local
 
     path = check_artifact(artifact, runs, warmup, threads, runtime)
     cmd = _command(path, runtime, runs, warmup, threads, min_seconds)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     before = Local().info()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, preexec_fn=pin)
     except subprocess.TimeoutExpired:
         raise EdgesparseError(f"profiling {path.name} timed out after {timeout:.0f} s") from None
+    except subprocess.SubprocessError as exc:  # the affinity could not be set
+        raise EdgesparseError(f"cannot pin the runner to CPUs {cpus}: {exc}") from None
     where = "in ONNX Runtime" if path.suffix == ".onnx" else "in ExecuTorch"
     result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, where)
     result.setdefault("threads", "runtime default" if runtime == "cpp" else threads)

@@ -40,7 +40,8 @@ def runner_bundle() -> list[Path]:
 
 
 def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int = 10, threads: int = 1,
-                   min_seconds: float = 0.0, timeout: float = 600, runtime: str = "cpp") -> dict:
+                   min_seconds: float = 0.0, timeout: float = 600, runtime: str = "cpp",
+                   cpus: list[int] | None = None) -> dict:
     if runtime != "cpp":
         raise EdgesparseError(f"on {transport.spec} the C++ runner runs the model (--runtime cpp), not {runtime!r}")
     path = check_artifact(artifact, runs, warmup, threads, runtime)
@@ -57,9 +58,11 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
         transport.push(bundle[0], f"{tmp}/edgesparse_runner")
         transport.push(path, f"{tmp}/model{path.suffix}")
         transport.run(["chmod", "+x", f"{tmp}/edgesparse_runner"], "preparing the runner", 60)
-        proc = transport.run(["sh", "-c", RUN_WITH_TELEMETRY, "run", tmp, "env", f"LD_LIBRARY_PATH={tmp}/lib",
+        pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+        proc = transport.run(["sh", "-c", RUN_WITH_TELEMETRY, "run", tmp, *pin, "env", f"LD_LIBRARY_PATH={tmp}/lib",
                               f"{tmp}/edgesparse_runner", f"{tmp}/model{path.suffix}", "--runs", str(runs),
-                              "--warmup", str(warmup)], "running the model", timeout, check=False)
+                              "--warmup", str(warmup), "--min-seconds", str(min_seconds)], "running the model",
+                             timeout, check=False)
         result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, f"on {transport.spec}")
         telemetry = transport.run(["sh", "-c", 'cat "$1" 2>/dev/null || true', "read", f"{tmp}/tegrastats.log"],
                                   "reading tegrastats", 60).stdout.splitlines()

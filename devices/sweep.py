@@ -18,9 +18,9 @@ def parse_grid(text: str, kind) -> list:
     try:
         values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise EdgesparseError(f"bad sweep values {text!r}") from None
+        raise EdgesparseError(f"bad comma-separated values {text!r}") from None
     if not values:
-        raise EdgesparseError(f"empty sweep values {text!r}")
+        raise EdgesparseError(f"no values in {text!r}")
     return list(dict.fromkeys(values))
 
 

@@ -80,14 +80,20 @@ def profile(
     warmup: int = typer.Option(10, "--warmup", help="untimed runs first"),
     threads: int = typer.Option(1, "--threads", help="runtime threads (1 = comparable, noise-free default)"),
     runtime: Optional[str] = typer.Option(None, "--runtime", help="python (ExecuTorch's Python runtime; local default) or cpp (the torch-free C++ runner; the only one on remote devices)"),
+    mode: str = typer.Option("quick", "--mode", help="quick (>= 50 runs and >= 1 s), report (>= 1024 runs and >= 60 s) or runs (exactly --runs)"),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help="pin the runner to these CPUs, e.g. 4,5,6,7 (big cores)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full result as JSON here"),
 ):
     """Time ARTIFACT on a device: load, first run, steady-state percentiles, peak memory."""
     from edgesparse._io import write_json_atomic
     from edgesparse.devices import profile as run_profile
+    from edgesparse.devices.sweep import parse_grid
 
     options = {"runtime": runtime} if runtime else {}
-    result = run_profile(artifact, device, runs=runs, warmup=warmup, threads=threads, **options)
+    if cpus:
+        options["cpus"] = parse_grid(cpus, int)
+    result = run_profile(artifact, device, mode=None if mode == "runs" else mode, runs=runs, warmup=warmup,
+                         threads=threads, **options)
     table = Table(title=f"{artifact.name} on {device}, {result['runtime']} ({result['threads']} thread(s), {result['count']} runs)")
     for col in ("load ms", "first ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "std ms", "peak RSS MB"):
         table.add_column(col, justify="right")

@@ -113,6 +113,16 @@ def test_compare_reports_deltas_and_the_noise_band(tmp_path):
     assert proc.returncode == 2 and "not an `edgesparse profile --json` result" in proc.stderr
 
 
+def test_modes_set_floors_and_cpus_pin_the_runner(pte, sshd):
+    quick = profile(pte, "local", mode="quick", runs=5, warmup=1, runtime="cpp", cpus=[0])
+    assert quick["count"] >= 50 and sum([quick["mean_ms"]] * quick["count"]) >= 900  # >= 1 s of timed runs
+    assert quick["mode"] == "quick" and quick["cpus"] == [0]
+    remote = profile(pte, sshd.spec, runs=30, warmup=1, cpus=[0])
+    assert remote["count"] == 30 and remote["cpus"] == [0]
+    with pytest.raises(EdgesparseError, match="unknown mode"):
+        profile(pte, "local", mode="forever")
+
+
 def test_devices_lists_local_and_the_configured_ssh_hosts(tmp_path):
     from edgesparse.devices.transports import ssh_config_hosts
 

@@ -2,8 +2,9 @@
 // one JSON line: load time, first run, per-run times, peak RSS (VmHWM). The edgesparse:: kernels
 // are linked in, so sparse exports run as they would on a device.
 //
-//   edgesparse_runner model.pte [--runs N] [--warmup W] [--input x.f32] [--output y.f32]
+//   edgesparse_runner model.pte [--runs N] [--warmup W] [--min-seconds S] [--input x.f32] [--output y.f32]
 //
+// Timed runs continue until there are at least N of them and S seconds have passed.
 // --input: raw little-endian float32 for input 0 (else every input is filled with a fixed
 // pattern); --output: write output 0 as raw float32. Exit code 2 on any error, with the reason
 // in the JSON's "error" field.
@@ -50,13 +51,15 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) return fail("usage: edgesparse_runner model.pte [--runs N] [--warmup W] [--input F] [--output F]");
+  if (argc < 2) return fail("usage: edgesparse_runner model.pte [--runs N] [--warmup W] [--min-seconds S] [--input F] [--output F]");
   int runs = 100, warmup = 10;
+  double min_seconds = 0.0;
   const char* input_path = nullptr;
   const char* output_path = nullptr;
   for (int i = 2; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--warmup")) warmup = std::atoi(argv[i + 1]);
+    else if (!std::strcmp(argv[i], "--min-seconds")) min_seconds = std::atof(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--input")) input_path = argv[i + 1];
     else if (!std::strcmp(argv[i], "--output")) output_path = argv[i + 1];
     else return fail(std::string("unknown option ") + argv[i]);
@@ -111,11 +114,13 @@ int main(int argc, char** argv) {
   if (!run_once()) return fail("execute failed");
   const double first_ms = ms_since(t0);
   for (int r = 0; r < warmup; ++r) run_once();
-  std::vector<double> times(runs > 0 ? runs : 0);
-  for (int r = 0; r < runs; ++r) {
+  std::vector<double> times;
+  times.reserve(runs > 0 ? runs : 0);
+  const auto started = std::chrono::steady_clock::now();
+  while (static_cast<int>(times.size()) < runs || ms_since(started) < min_seconds * 1e3) {
     t0 = std::chrono::steady_clock::now();
     if (!run_once()) return fail("execute failed");
-    times[r] = ms_since(t0);
+    times.push_back(ms_since(t0));
   }
   auto out = method->get_output(0).toTensor();
   if (output_path) {
