@@ -88,13 +88,74 @@ def bench_onnx(path: str, threads: int) -> tuple[str, float, object, list]:
         shape = [d if isinstance(d, int) else 1 for d in arg.shape]  # symbolic dims: 1
         feed[arg.name] = (rng.standard_normal(shape).astype(np.float32) if "float" in arg.type
                           else rng.integers(0, 8, shape).astype(np.int64))
-    return "onnxruntime", load_ms, lambda: session.run(None, feed), [list(v.shape) for v in feed.values()]
+    def call():
+        return session.run(None, feed)
+
+    call.feed = feed  # the per-op pass reuses the same inputs
+    return "onnxruntime", load_ms, call, [list(v.shape) for v in feed.values()]
 
 
-def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float) -> dict:
+def per_op_pte(path: str, runs: int) -> list[dict]:
+    """Per-event medians from ExecuTorch's ETDump over `runs` calls (a separate, instrumented load,
+    after the timed runs): XNNPACK's ops inside each delegate call, DELEGATE_CALL and OPERATOR_CALL
+    (a non-delegated op, e.g. an edgesparse:: kernel)."""
+    import tempfile
+
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings import portable_lib
+
+    module = portable_lib._load_for_executorch(path, enable_etdump=True, debug_buffer_size=0)
+    program = __import__("executorch.runtime", fromlist=["Runtime"]).Runtime.get().load_program(path)
+    inputs = _inputs(program.metadata("forward"))
+    for _ in range(runs + 1):
+        module.forward(inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        module.write_etdump_result_to_file(f"{tmp}/run.etdp")
+        frame = Inspector(etdump_path=f"{tmp}/run.etdp").to_dataframe()
+    rows = []
+    for name, raw in zip(frame["event_name"], frame["raw"]):
+        if name in ("Method::init", "Program::load_method") or len(raw) < 2:
+            continue
+        rows.append({"name": name, "calls": len(raw) - 1, "median_ms": float(torch.tensor(raw[1:]).median())})
+    return rows
+
+
+def per_op_onnx(path: str, runs: int, threads: int, feed: dict) -> list[dict]:
+    """Per-node medians from ONNX Runtime's session profiling (a separate session)."""
+    import tempfile
+
+    from edgesparse.runtime_kernels import ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        session = ort_session(path, threads=threads, profile_prefix=f"{tmp}/ort")
+        for _ in range(runs + 1):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    by_node: dict[str, dict] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        node = event["name"][: -len("_kernel_time")]
+        entry = by_node.setdefault(node, {"name": node, "op": event.get("args", {}).get("op_name", ""), "us": []})
+        entry["us"].append(event["dur"])
+    rows = []
+    for entry in by_node.values():
+        us = sorted(entry.pop("us")[1:]) or [0]
+        rows.append(entry | {"calls": len(us), "median_ms": us[len(us) // 2] / 1e3})
+    return rows
+
+
+def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float, per_op: bool = False) -> dict:
     rss_before = _status_mb("VmRSS")
     runtime, load_ms, call, shapes = (bench_onnx if path.endswith(".onnx") else bench_pte)(path, threads)
     first_ms, times = _time(call, runs, warmup, min_seconds)
+    extra = {}
+    if per_op:
+        ops_runs = min(runs, 100)
+        extra["per_op"] = (per_op_onnx(path, ops_runs, threads, call.feed) if path.endswith(".onnx")
+                           else per_op_pte(path, ops_runs))
     return {
         "runtime": runtime,
         "threads": threads,
@@ -104,6 +165,7 @@ def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float) -
         "rss_before_load_mb": rss_before,
         "peak_rss_mb": _status_mb("VmHWM"),
         "input_shapes": shapes,
+        **extra,
     }
 
 
@@ -114,9 +176,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-seconds", type=float, default=0.0)
+    parser.add_argument("--per-op", action="store_true", help="then per-operator times (ETDump / ORT profiling)")
     args = parser.parse_args(argv)
     try:
-        result = bench(args.path, args.runs, args.warmup, args.threads, args.min_seconds)
+        result = bench(args.path, args.runs, args.warmup, args.threads, args.min_seconds, args.per_op)
     except Exception as exc:  # reported to the parent as one line
         print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
         return 2

@@ -68,7 +68,7 @@ def check_artifact(artifact: str | Path, runs: int, warmup: int, threads: int, r
     return path
 
 
-def _command(path: Path, runtime: str, runs: int, warmup: int, threads: int, min_seconds: float) -> list[str]:
+def _command(path: Path, runtime: str, runs: int, warmup: int, threads: int, min_seconds: float, per_op: bool) -> list[str]:
     if runtime == "cpp":  # the torch-free C++ runner (runtime_kernels/runner), its own thread pool
         from edgesparse.runtime_kernels import RUNNER
 
@@ -76,16 +76,18 @@ def _command(path: Path, runtime: str, runs: int, warmup: int, threads: int, min
             raise EdgesparseError("the C++ runner is not built", hint="run `make kernels`")
         return [str(RUNNER), str(path), "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds)]
     return [sys.executable, "-m", RUNNERS[path.suffix], str(path), "--runs", str(runs), "--warmup", str(warmup),
-            "--threads", str(threads), "--min-seconds", str(min_seconds)]
+            "--threads", str(threads), "--min-seconds", str(min_seconds)] + (["--per-op"] if per_op else [])
 
 
 def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threads: int = 1,
                   min_seconds: float = 0.0, timeout: float = 600, runtime: str = "python",
-                  cpus: list[int] | None = None) -> dict:
+                  cpus: list[int] | None = None, per_op: bool = False) -> dict:
     from edgesparse.devices.transports import Local
 
     path = check_artifact(artifact, runs, warmup, threads, runtime)
-    cmd = _command(path, runtime, runs, warmup, threads, min_seconds)
+    if per_op and runtime == "cpp":
+        raise EdgesparseError("per-operator times come from the python runtime (ETDump) or ONNX Runtime, not the C++ runner")
+    cmd = _command(path, runtime, runs, warmup, threads, min_seconds, per_op)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     before = Local().info()

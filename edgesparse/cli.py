@@ -82,6 +82,7 @@ def profile(
     runtime: Optional[str] = typer.Option(None, "--runtime", help="python (ExecuTorch's Python runtime; local default) or cpp (the torch-free C++ runner; the only one on remote devices)"),
     mode: str = typer.Option("quick", "--mode", help="quick (>= 50 runs and >= 1 s), report (>= 1024 runs and >= 60 s) or runs (exactly --runs)"),
     cpus: Optional[str] = typer.Option(None, "--cpus", help="pin the runner to these CPUs, e.g. 4,5,6,7 (big cores)"),
+    per_op: bool = typer.Option(False, "--per-op", help="then per-operator times (ETDump for .pte, ORT profiling for .onnx; local)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full result as JSON here"),
 ):
     """Time ARTIFACT on a device: load, first run, steady-state percentiles, peak memory."""
@@ -92,6 +93,8 @@ def profile(
     options = {"runtime": runtime} if runtime else {}
     if cpus:
         options["cpus"] = parse_grid(cpus, int)
+    if per_op:
+        options["per_op"] = True
     result = run_profile(artifact, device, mode=None if mode == "runs" else mode, runs=runs, warmup=warmup,
                          threads=threads, **options)
     table = Table(title=f"{artifact.name} on {device}, {result['runtime']} ({result['threads']} thread(s), {result['count']} runs)")
@@ -100,6 +103,13 @@ def profile(
     table.add_row(*(f"{result[k]:.3f}" for k in ("load_ms", "first_run_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "std_ms")),
                   f"{result['peak_rss_mb']:.1f}")
     out.print(table)
+    if result.get("per_op"):
+        ops = Table(title="per operator (median per call, slowest first; the full list is in the JSON)")
+        for col, justify in (("operator", "left"), ("kind", "left"), ("calls", "right"), ("median us", "right")):
+            ops.add_column(col, justify=justify)
+        for row in sorted(result["per_op"], key=lambda r: -r["median_ms"])[:15]:
+            ops.add_row(row["name"], row.get("op", ""), str(row["calls"]), f"{1e3 * row['median_ms']:.1f}")
+        out.print(ops)
     if json_out:
         write_json_atomic(json_out, result)
         out.print(f"wrote {json_out}")

@@ -56,14 +56,18 @@ def load_executorch_ops() -> bool:
     return True
 
 
-def ort_session(path, threads: int = 1):
+def ort_session(path, threads: int = 1, profile_prefix: str | None = None):
     """An ONNX Runtime CPU session with the edgesparse op library registered (when built), so
-    models with ai.edgesparse nodes run; plain models run as usual."""
+    models with ai.edgesparse nodes run; plain models run as usual. profile_prefix: turn on ORT's
+    per-node profiling, written by session.end_profiling() to a file with that prefix."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if ORT_LIBRARY.is_file():
         options.register_custom_ops_library(str(ORT_LIBRARY))
     try:

@@ -81,6 +81,12 @@ def test_local_profile_of_onnx_and_pte_has_the_fields(digits, tmp_path):
         assert PROFILE_FIELDS <= result.keys() and result["runtime"] == runtime and result["count"] == 20
     with pytest.raises(EdgesparseError, match="the C\\+\\+ runner runs .pte files"):
         profile(tmp_path / "model.onnx", "local", runtime="cpp")
+    # per-operator times: ORT's node profile names our ai.edgesparse nodes; ETDump has XNNPACK's ops
+    # and OPERATOR_CALL for the non-delegated edgesparse:: kernels
+    onnx_ops = profile(tmp_path / "model.onnx", "local", runs=10, per_op=True)["per_op"]
+    assert {"BcsrConv1x1", "Conv"} <= {row["op"] for row in onnx_ops} and all(row["calls"] == 10 for row in onnx_ops)
+    pte_ops = profile(tmp_path / "model.pte", "local", runs=10, per_op=True)["per_op"]
+    assert {"DELEGATE_CALL", "OPERATOR_CALL"} <= {row["name"] for row in pte_ops} and all(r["median_ms"] >= 0 for r in pte_ops)
 
 
 def test_bench_runner_reports_profile_and_bare_loop_from_one_run(pte):
