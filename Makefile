@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 KERNELS := runtime_kernels/build/libedgesparse_et.so
 KERNEL_SOURCES := $(shell find runtime_kernels -path 'runtime_kernels/build*' -prune -o \( -name '*.c' -o -name '*.h' -o -name '*.inc' -o -name '*.cpp' -o -name CMakeLists.txt \) -print)
 
-.PHONY: demo test install kernels arm-toolchain device-lab fashion-mnist clean
+.PHONY: demo test install kernels arm-toolchain arm-runner device-lab fashion-mnist clean
 
 install: $(STAMP)
 
@@ -44,6 +44,23 @@ arm-toolchain:
 		|| echo "note: could not install gcc/g++-aarch64-linux-gnu and qemu-user; the aarch64 kernel tests will be skipped"; \
 	else echo "note: install gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and qemu-user to run the aarch64 kernel tests"; fi
 
+# The C++ runner (with our ops) for aarch64 Linux boards (Jetson, Raspberry Pi, the emulated
+# device): cross-built against the aarch64 executorch wheel, which pip downloads once.
+ARM_RUNNER := runtime_kernels/build-aarch64-runner/edgesparse_runner
+arm-runner: $(ARM_RUNNER)
+$(ARM_RUNNER): $(STAMP) $(KERNEL_SOURCES)
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { echo "arm-runner needs g++-aarch64-linux-gnu (make arm-toolchain)"; exit 1; }
+	mkdir -p runtime_kernels/build-aarch64-runner/wheel
+	$(PY) -m pip download -q executorch==1.5.1 --platform manylinux_2_28_aarch64 --python-version 3.11 \
+		--only-binary=:all: --no-deps -d runtime_kernels/build-aarch64-runner/wheel
+	cd runtime_kernels/build-aarch64-runner && $(abspath $(PY)) -c "import zipfile, glob; \
+		zipfile.ZipFile(glob.glob('wheel/executorch-*.whl')[0]).extractall('.', \
+		[n for n in zipfile.ZipFile(glob.glob('wheel/executorch-*.whl')[0]).namelist() if n.startswith(('executorch/lib/', 'executorch/include/'))])"
+	cmake -S runtime_kernels -B runtime_kernels/build-aarch64-runner -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_TOOLCHAIN_FILE=$(abspath runtime_kernels/tests/aarch64-toolchain.cmake) -DCMAKE_EXE_LINKER_FLAGS= \
+		-DEDGESPARSE_ET_ROOT=$(abspath runtime_kernels/build-aarch64-runner/executorch) >/dev/null
+	cmake --build runtime_kernels/build-aarch64-runner -j2 --target edgesparse_runner
+
 # Real device stand-ins the device tests start themselves (sshd on 127.0.0.1, the adb client
 # against tests/adbd.py).
 device-lab:
@@ -57,7 +74,8 @@ demo: $(KERNELS)
 	$(VENV)/bin/edgesparse demo
 
 test: $(KERNELS) arm-toolchain device-lab
+	-@$(MAKE) --no-print-directory arm-runner >/dev/null || echo "note: could not build the aarch64 runner; the emulated-device tests will be skipped"
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) out build *.egg-info .pytest_cache runtime_kernels/build runtime_kernels/build-aarch64
+	rm -rf $(VENV) out build *.egg-info .pytest_cache runtime_kernels/build runtime_kernels/build-aarch64 runtime_kernels/build-aarch64-runner

@@ -1,14 +1,14 @@
-"""Profiling on a device reached through a transport (ssh today): push the torch-free C++ runner,
-the libraries it needs that the device may lack, and the artifact into a fresh temp dir; run;
-read the runner's JSON; remove the temp dir whatever happened.
+"""Profiling on a device reached through a transport (ssh, adb, serial, emulated): push the
+torch-free C++ runner, the libraries it needs that the device may lack, and the artifact into a
+fresh temp dir; run; read the runner's JSON; remove the temp dir whatever happened.
 
-The runner must match the device's architecture: this machine's build for a same-arch device,
-a cross-built one for ARM boards (the apps issue builds a static aarch64 runner).
+The runner is picked by the device's architecture: this machine's build for a same-arch device,
+the cross-built aarch64 one (`make arm-runner`, dynamic against glibc: Jetson, Raspberry Pi OS,
+Debian boards) for aarch64 Linux. Android's bionic needs the static runner of the apps issue.
 """
 
 from __future__ import annotations
 
-import platform
 import subprocess
 from pathlib import Path
 
@@ -26,17 +26,40 @@ RUN_WITH_TELEMETRY = ('d="$1"; shift; t=; if command -v tegrastats >/dev/null 2>
                       '"$@"; rc=$?; [ -n "$t" ] && kill "$t" 2>/dev/null; exit $rc')
 
 
-def runner_bundle() -> list[Path]:
-    """The C++ runner and the shared libraries it loads from outside the system directories
-    (the ExecuTorch wheel's and our op library), as `ldd` resolves them here."""
-    from edgesparse.runtime_kernels import RUNNER
+def _needed(binary: Path) -> list[str]:
+    out = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True, check=True).stdout
+    return [line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line]
 
-    if not RUNNER.is_file():
-        raise EdgesparseError("the C++ runner is not built", hint="run `make kernels`")
-    out = subprocess.run(["ldd", str(RUNNER)], capture_output=True, text=True, check=True).stdout
-    libs = [Path(parts[2]) for parts in (line.split() for line in out.splitlines())
-            if len(parts) >= 3 and parts[1] == "=>" and parts[2].startswith("/") and not parts[2].startswith(SYSTEM_LIB_DIRS)]
-    return [RUNNER, *libs]
+
+def runner_bundle(machine: str) -> list[Path]:
+    """The C++ runner for `machine` and the shared libraries it needs from its build (our op
+    library, the executorch wheel's), found by following ELF NEEDED entries; anything else is
+    expected from the device's system (libc, libstdc++)."""
+    import platform
+
+    from edgesparse import runtime_kernels as rk
+
+    if machine == platform.machine():
+        import executorch
+
+        runner, search = rk.RUNNER, [rk.BUILD_DIR, Path(list(executorch.__path__)[0]) / "lib"]
+        hint = "run `make kernels`"
+    elif machine == "aarch64":
+        runner, search = rk.ARM_BUILD_DIR / "edgesparse_runner", [rk.ARM_BUILD_DIR, rk.ARM_ET_ROOT / "lib"]
+        hint = "run `make arm-runner`"
+    else:
+        raise EdgesparseError(f"no C++ runner for {machine} devices (this machine builds {platform.machine()} and aarch64)")
+    if not runner.is_file():
+        raise EdgesparseError(f"the {machine} C++ runner is not built", hint=hint)
+    libs: dict[str, Path] = {}
+    todo = [runner]
+    while todo:
+        for name in _needed(todo.pop()):
+            found = next((d / name for d in search if (d / name).is_file()), None)
+            if found and name not in libs:
+                libs[name] = found
+                todo.append(found)
+    return [runner, *libs.values()]
 
 
 def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int = 10, threads: int = 1,
@@ -45,12 +68,8 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
     if runtime != "cpp":
         raise EdgesparseError(f"on {transport.spec} the C++ runner runs the model (--runtime cpp), not {runtime!r}")
     path = check_artifact(artifact, runs, warmup, threads, runtime)
-    bundle = runner_bundle()
     before = transport.info()
-    here = platform.machine()
-    if before.get("machine") != here:
-        raise EdgesparseError(f"{transport.spec} is {before.get('machine', 'an unknown architecture')} but the runner "
-                              f"built here is {here}", hint="profile with a runner built for the device")
+    bundle = runner_bundle(before.get("machine", "unknown"))
     with transport.temp_dir() as tmp:
         transport.run(["mkdir", "-p", f"{tmp}/lib"], "preparing the temp dir", 60)
         for lib in bundle[1:]:
@@ -60,13 +79,15 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
         transport.run(["chmod", "+x", f"{tmp}/edgesparse_runner"], "preparing the runner", 60)
         pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
         proc = transport.run(["sh", "-c", RUN_WITH_TELEMETRY, "run", tmp, *pin, "env", f"LD_LIBRARY_PATH={tmp}/lib",
-                              f"{tmp}/edgesparse_runner", f"{tmp}/model{path.suffix}", "--runs", str(runs),
+                              *transport.runner_prefix(), f"{tmp}/edgesparse_runner", f"{tmp}/model{path.suffix}", "--runs", str(runs),
                               "--warmup", str(warmup), "--min-seconds", str(min_seconds)], "running the model",
                              timeout, check=False)
         result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, f"on {transport.spec}")
         telemetry = transport.run(["sh", "-c", 'cat "$1" 2>/dev/null || true', "read", f"{tmp}/tegrastats.log"],
                                   "reading tegrastats", 60).stdout.splitlines()
     result.update(device=transport.spec, threads="runtime default")
+    if transport.emulated:
+        result["timing_note"] = "emulated, not a speed"
     result = finish(result, path, before, transport.info())
     if energy := energy_per_inference(telemetry, result["mean_ms"]):
         result["energy"] = energy | {"note": "board input power (tegrastats, every 100 ms during the run, static power "

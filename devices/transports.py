@@ -9,6 +9,9 @@
     adb://SERIAL, adb://host:port  an Android phone (or anything running adbd) through the `adb`
                                    client: shell v2 for exit codes, adb push / pull for files
     serial:///dev/ttyX[?baud=N]    a board on a serial line running devices/agent.py (pyserial)
+    qemu-aarch64[:CPU]             an aarch64 Linux board emulated here by qemu-user (CPU: a qemu
+                                   model such as cortex-a53 / cortex-a76 / max); for development:
+                                   its timings are emulated, not a speed
 
 Every remote command is an argv list, quoted with shlex for the remote shell, so paths with spaces
 or `;` stay one argument. Files move through the same ssh channel (`cat`), so there is one code
@@ -27,7 +30,8 @@ from pathlib import Path
 
 from edgesparse.errors import EdgesparseError
 
-DEVICE_FORMS = "local, ssh://user@host[:port], adb://SERIAL, adb://host:port, serial:///dev/ttyX?baud=N"
+DEVICE_FORMS = ("local, ssh://user@host[:port], adb://SERIAL, adb://host:port, serial:///dev/ttyX?baud=N, "
+                "qemu-aarch64[:CPU]")
 
 # Device state in `key=value` lines: one POSIX sh script for Linux boards, Jetsons and Android.
 STATE_SCRIPT = r"""
@@ -76,6 +80,11 @@ class Transport:
 
     spec = "local"
     remote = False
+    emulated = False
+
+    def runner_prefix(self) -> list[str]:
+        """What the runner's command line starts with on this device (an emulator, or nothing)."""
+        return []
 
     def _call(self, argv: list[str], stdin: bytes | None, timeout: float, stage: str) -> tuple[int, bytes, str]:
         raise NotImplementedError
@@ -287,6 +296,34 @@ class Serial(Transport):
         return reply["rc"], base64.b64decode(reply["stdout"]), base64.b64decode(reply["stderr"]).decode(errors="replace")
 
 
+AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"  # Debian's cross libc: the emulated board's /lib
+
+
+@dataclass
+class Emulated(_Process):
+    """An aarch64 Linux board emulated by qemu-user: commands run on this machine, aarch64
+    programs (the runner) run under `qemu-aarch64 -cpu CPU` with the cross sysroot. For
+    development and correctness only: its timings are emulated, not a speed."""
+
+    cpu: str = "max"
+    spec: str = field(default="")
+    remote = True
+    emulated = True
+
+    def __post_init__(self):
+        self.spec = self.spec or f"qemu-aarch64:{self.cpu}"
+
+    def shell(self, argv: list[str]) -> list[str]:
+        return list(argv)
+
+    def runner_prefix(self) -> list[str]:
+        return ["qemu-aarch64", "-cpu", self.cpu, "-L", AARCH64_SYSROOT]
+
+    def info(self) -> dict:
+        state = super().info()
+        return state | {"machine": "aarch64", "emulated_on": state.get("machine"), "cpu": f"qemu-aarch64 -cpu {self.cpu}"}
+
+
 def parse_device(spec: str) -> Transport:
     spec = str(spec).strip()
     if spec == "local":
@@ -305,6 +342,12 @@ def parse_device(spec: str) -> Transport:
             raise EdgesparseError(f"bad port or timeout in {spec!r}") from None
         return Ssh(url.username, url.hostname, port, query.get("identity"), query.get("known_hosts"), timeout,
                    spec=spec.split("?")[0])
+    if spec == "qemu-aarch64" or spec.startswith("qemu-aarch64:"):
+        import shutil
+
+        if not shutil.which("qemu-aarch64"):
+            raise EdgesparseError("the emulated device needs qemu-aarch64", hint="make arm-toolchain")
+        return Emulated(spec.partition(":")[2] or "max")
     if url.scheme == "adb" and url.netloc:
         return Adb(url.netloc)
     if url.scheme == "serial" and url.path:

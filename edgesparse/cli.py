@@ -103,6 +103,8 @@ def profile(
     table.add_row(*(f"{result[k]:.3f}" for k in ("load_ms", "first_run_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "std_ms")),
                   f"{result['peak_rss_mb']:.1f}")
     out.print(table)
+    if result.get("timing_note"):
+        out.print(f"[bold yellow]{result['timing_note']}[/]: {result['device']} runs under qemu; use it to check that the model runs")
     if result.get("per_op"):
         ops = Table(title="per operator (median per call, slowest first; the full list is in the JSON)")
         for col, justify in (("operator", "left"), ("kind", "left"), ("calls", "right"), ("median us", "right")):

@@ -21,6 +21,9 @@ ET_LIBRARY = BUILD_DIR / "libedgesparse_et.so"
 C_LIBRARY = BUILD_DIR / "libedgesparse_kernels.so"
 ORT_LIBRARY = BUILD_DIR / "libedgesparse_ort.so"  # ONNX Runtime custom ops, domain ai.edgesparse
 RUNNER = BUILD_DIR / "edgesparse_runner"  # the torch-free C++ .pte runner
+# the same runner cross-built for aarch64 Linux against the aarch64 executorch wheel (make arm-runner)
+ARM_BUILD_DIR = SOURCE_DIR / "build-aarch64-runner"
+ARM_ET_ROOT = ARM_BUILD_DIR / "executorch"
 _loaded = False
 
 

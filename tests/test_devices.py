@@ -3,6 +3,7 @@ here (throwaway keys, host keys checked), the real ssh client, the C++ runner.""
 
 import glob
 import json
+import os
 import subprocess
 import sys
 
@@ -64,6 +65,7 @@ def test_device_specs_parse_or_fail_in_one_line():
     assert parse_device("ssh://board").port == 22
     assert parse_device("serial:///dev/ttyUSB0?baud=921600").baud == 921600
     assert parse_device("adb://R58M1234").serial == "R58M1234"
+    assert parse_device("qemu-aarch64:cortex-a53").cpu == "cortex-a53" and parse_device("qemu-aarch64").cpu == "max"
     for bad, why in (("toaster", "unknown device"), ("ssh://h?color=red", "unknown ssh option"), ("ssh://h:x", "bad port"),
                      ("serial:///dev/ttyS0?baud=fast", "bad serial options")):
         with pytest.raises(EdgesparseError, match=why):
@@ -194,6 +196,20 @@ def test_adb_transport_against_the_real_client(adb_device, pte, tmp_path):
     assert PROFILE_FIELDS <= profiled.keys() and profiled["count"] >= 20 and profiled["device"] == adb_device.spec
     with pytest.raises(EdgesparseError, match="adb could not reach the device"):
         parse_device(f"adb://127.0.0.1:{free_port()}").run(["true"], "connecting")
+
+
+@pytest.mark.parametrize("cpu", ["cortex-a53", "cortex-a76"])
+def test_profile_on_the_emulated_arm64_board(pte, cpu):
+    from edgesparse import runtime_kernels
+
+    if not (runtime_kernels.ARM_BUILD_DIR / "edgesparse_runner").is_file():
+        if os.environ.get("CI"):
+            pytest.fail("CI must build the aarch64 runner (make arm-runner)")
+        pytest.skip("the aarch64 runner is not built (make arm-runner)")
+    result = profile(pte, f"qemu-aarch64:{cpu}", runs=10, warmup=1)
+    assert PROFILE_FIELDS <= result.keys() and result["count"] == 10
+    assert result["timing_note"] == "emulated, not a speed"
+    assert result["device_state"]["before"]["machine"] == "aarch64" and cpu in result["device_state"]["before"]["cpu"]
 
 
 def test_serial_transport_runs_and_moves_files(serial_board, tmp_path):

@@ -277,6 +277,21 @@ def test_sparse_digits_runs_in_python_and_cpp_runtimes_matching_torch(tmp_path, 
     got = torch.from_numpy(np.fromfile(tmp_path / "y.f32", dtype=np.float32)).reshape(want.shape)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+    # the same runner cross-built for aarch64 (our NEON kernels inside), under qemu-aarch64
+    arm_runner = runtime_kernels.ARM_BUILD_DIR / "edgesparse_runner"
+    if arm_runner.is_file() and shutil.which("qemu-aarch64"):
+        env = dict(os.environ, QEMU_LD_PREFIX="/usr/aarch64-linux-gnu",
+                   LD_LIBRARY_PATH=f"{runtime_kernels.ARM_BUILD_DIR}:{runtime_kernels.ARM_ET_ROOT / 'lib'}")
+        for cpu in ("cortex-a53", "max"):
+            proc = subprocess.run(["qemu-aarch64", "-cpu", cpu, str(arm_runner), str(path), "--runs", "2", "--input",
+                                   str(tmp_path / "x.f32"), "--output", str(tmp_path / "y_arm.f32")],
+                                  capture_output=True, text=True, timeout=300, env=env)
+            assert proc.returncode == 0, proc.stdout + proc.stderr[-1000:]
+            got = torch.from_numpy(np.fromfile(tmp_path / "y_arm.f32", dtype=np.float32)).reshape(want.shape)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    elif os.environ.get("CI"):
+        pytest.fail("CI must build the aarch64 runner (make arm-runner)")
+
     import onnx
 
     graph = onnx.load(tmp_path / "model.onnx").graph
