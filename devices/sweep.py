@@ -1,6 +1,7 @@
 """`edgesparse sweep`: export and profile a grid of compressions, resumably, then compare them.
 
-Each cell (prune, quant, format) is exported, verified and profiled on the device; its row is
+Each cell (prune, quant, format) is exported, verified and profiled on the device (quick mode: at
+least 1 s of timed runs, so one slow moment cannot decide a cell); its row is
 appended to OUT/results.jsonl the moment it is done, so a rerun skips finished cells (an
 interrupted sweep loses at most the cell in flight). The table and OUT/pareto.png (latency vs
 accuracy, marker area by file size) are rebuilt from the JSONL at the end.
@@ -89,7 +90,7 @@ def run_cell(bundle, prune: float, quant: str, formats: list[str], pattern: str,
         try:
             record = export_model(bundle, recipe, folder / fmt, formats=[fmt])
             artifact = record["artifacts"][0]
-            result = profile(folder / fmt / artifact["path"], device, runs=runs, warmup=warmup)
+            result = profile(folder / fmt / artifact["path"], device, mode="quick", runs=runs, warmup=warmup)
             row.update(bytes=artifact["bytes"], accuracy=artifact.get("accuracy", record["metrics"].get("accuracy_compressed")),
                        p50_ms=result["p50_ms"], p90_ms=result["p90_ms"], peak_rss_mb=result["peak_rss_mb"],
                        runtime=result["runtime"], sparse_layers=sum(layer["kernel"] != "dense-xnnpack" for layer in record["layers"]))

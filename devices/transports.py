@@ -115,10 +115,13 @@ class Transport:
     def info(self) -> dict:
         return parse_state(self.run(["sh", "-c", STATE_SCRIPT], "reading the device state", 60).stdout)
 
+    def temp_base(self) -> str:
+        return "/tmp"
+
     @contextlib.contextmanager
     def temp_dir(self):
         """A fresh directory on the device, removed afterwards whatever happens in between."""
-        path = self.run(["mktemp", "-d", "/tmp/edgesparse.XXXXXX"], "creating a temp dir", 60).stdout.strip()
+        path = self.run(["mktemp", "-d", f"{self.temp_base()}/edgesparse.XXXXXX"], "creating a temp dir", 60).stdout.strip()
         try:
             yield path
         finally:
@@ -238,16 +241,10 @@ class Adb(_Process):
         self._file(["pull", remote, str(tmp)], f"copying {remote} from the device", timeout)
         os.replace(tmp, local)
 
-    @contextlib.contextmanager
-    def temp_dir(self):
-        """Under /data/local/tmp on Android (the one place apps' shells may write), else /tmp."""
-        base = self.run(["sh", "-c", "[ -d /data/local/tmp ] && echo /data/local/tmp || echo /tmp"], "finding a temp dir", 60)
-        path = self.run(["mktemp", "-d", f"{base.stdout.strip()}/edgesparse.XXXXXX"], "creating a temp dir", 60).stdout.strip()
-        try:
-            yield path
-        finally:
-            with contextlib.suppress(EdgesparseError):
-                self.run(["rm", "-rf", path], "removing the temp dir", 60, check=False)
+    def temp_base(self) -> str:
+        """/data/local/tmp on Android (the one place a shell user may write), else /tmp."""
+        return self.run(["sh", "-c", "[ -d /data/local/tmp ] && echo /data/local/tmp || echo /tmp"], "finding a temp dir",
+                        60).stdout.strip()
 
 
 @dataclass
