@@ -62,6 +62,13 @@ def runner_bundle(machine: str) -> list[Path]:
     return [runner, *libs.values()]
 
 
+def looks_emulated(state: dict) -> bool:
+    """An ARM userland on an x86 CPU: qemu-user (binfmt) passes the host's /proc/cpuinfo through."""
+    import re
+
+    return state.get("machine", "").startswith(("aarch64", "arm")) and bool(re.search(r"Intel|AMD|x86", state.get("cpu", "")))
+
+
 def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int = 10, threads: int = 1,
                    min_seconds: float = 0.0, timeout: float = 600, runtime: str = "cpp",
                    cpus: list[int] | None = None) -> dict:
@@ -86,7 +93,7 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
         telemetry = transport.run(["sh", "-c", 'cat "$1" 2>/dev/null || true', "read", f"{tmp}/tegrastats.log"],
                                   "reading tegrastats", 60).stdout.splitlines()
     result.update(device=transport.spec, threads="runtime default")
-    if transport.emulated:
+    if transport.emulated or looks_emulated(before):
         result["timing_note"] = "emulated, not a speed"
     result = finish(result, path, before, transport.info())
     if energy := energy_per_inference(telemetry, result["mean_ms"]):

@@ -162,3 +162,74 @@ def stop_adb_device(device: AdbDevice) -> None:
     subprocess.run(["adb", "kill-server"], capture_output=True, timeout=30)
     os.environ.pop("ANDROID_ADB_SERVER_PORT", None)
     stop(device.daemon)
+
+
+ROOTFS_TARBALL = Path(os.environ.get("EDGESPARSE_CACHE", Path.home() / ".cache" / "edgesparse")) / "rootfs-arm64.tar"
+
+
+@dataclass
+class Arm64Board:
+    """An arm64 Debian rootfs (mmdebstrap, cached tarball) run through binfmt + qemu-user, with its
+    own sshd: a Jetson stand-in you ssh into. Needs root (chroot, mounts)."""
+
+    root: Path
+    sshd: Sshd | None
+    mounts: list[Path]
+
+
+def start_arm64_board(folder: Path) -> Arm64Board:
+    """Unpack the cached rootfs (`make arm64-rootfs` builds it), mount what runtimes need, start
+    its sshd (an aarch64 binary under qemu) on a free port of 127.0.0.1."""
+    if os.geteuid() != 0 or not ROOTFS_TARBALL.is_file() or not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have the arm64 rootfs and binfmt (make arm64-rootfs, as root)")
+        pytest.skip("needs root, binfmt for aarch64 and the cached rootfs (make arm64-rootfs)")
+    root = folder / "rootfs"
+    root.mkdir(parents=True)
+    subprocess.run(["tar", "-xf", str(ROOTFS_TARBALL), "-C", str(root)], check=True)
+    board = Arm64Board(root, None, [])
+    try:
+        for kind, source, target in (("proc", "proc", "proc"), ("bind", "/dev", "dev"), ("bind", "/dev/pts", "dev/pts"),
+                                     ("tmpfs", "tmpfs", "sys")):
+            args = ["mount", "--bind", source] if kind == "bind" else ["mount", "-t", kind, source]
+            subprocess.run([*args, str(root / target)], check=True)
+            board.mounts.append(root / target)
+        # cpuinfo (XNNPACK's CPU detection) needs these; the host's /sys crashes ORT under qemu
+        cpu = root / "sys/devices/system/cpu"
+        cpu.mkdir(parents=True)
+        for name in ("possible", "present", "online"):
+            (cpu / name).write_text("0-1\n")
+        for name in ("host", "client"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
+        (root / "root/.ssh").mkdir(parents=True, exist_ok=True)
+        (root / "root/.ssh/authorized_keys").write_text((folder / "client.pub").read_text())
+        shutil.copy(folder / "host", root / "etc/ssh/edgesparse_test_host_key")
+        port = free_port()
+        (root / "etc/ssh/edgesparse_test_config").write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey /etc/ssh/edgesparse_test_host_key\nPasswordAuthentication no\n"
+            "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n")
+        (root / "run/sshd").mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen(["chroot", str(root), "/usr/sbin/sshd", "-D", "-e", "-f", "/etc/ssh/edgesparse_test_config"],
+                                   stdout=subprocess.DEVNULL, stderr=open(folder / "sshd.log", "w"))
+        (folder / "known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join((folder / 'host.pub').read_text().split()[:2])}\n")
+        board.sshd = Sshd(port, folder / "client", folder / "known_hosts", process)
+        deadline = time.monotonic() + 60  # sshd starts under emulation
+        while time.monotonic() < deadline and process.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return board
+            time.sleep(0.1)
+        raise RuntimeError(f"the arm64 board's sshd did not start: {(folder / 'sshd.log').read_text()[-500:]}")
+    except BaseException:
+        stop_arm64_board(board)
+        raise
+
+
+def stop_arm64_board(board: Arm64Board) -> None:
+    if board.sshd:
+        stop(board.sshd.process)
+    for mount in reversed(board.mounts):
+        subprocess.run(["umount", str(mount)], capture_output=True)
+    # never delete through a mount that is still there (/dev is bound in)
+    if not any(os.path.ismount(mount) for mount in board.mounts):
+        shutil.rmtree(board.root, ignore_errors=True)

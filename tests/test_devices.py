@@ -12,8 +12,8 @@ import pytest
 from edgesparse.devices import parse_device, profile
 from edgesparse.devices.transports import Local, parse_state
 from edgesparse.errors import EdgesparseError
-from device_lab import (free_port, start_adb_device, start_serial_agent, start_sshd, stop, stop_adb_device,
-                        stop_serial_agent)
+from device_lab import (free_port, start_adb_device, start_arm64_board, start_serial_agent, start_sshd, stop,
+                        stop_adb_device, stop_arm64_board, stop_serial_agent)
 
 PROFILE_FIELDS = {"load_ms", "first_run_ms", "count", "mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p95_ms",
                   "p99_ms", "peak_rss_mb", "bytes", "sha256", "device_state", "memory_note", "runtime"}
@@ -196,6 +196,19 @@ def test_adb_transport_against_the_real_client(adb_device, pte, tmp_path):
     assert PROFILE_FIELDS <= profiled.keys() and profiled["count"] >= 20 and profiled["device"] == adb_device.spec
     with pytest.raises(EdgesparseError, match="adb could not reach the device"):
         parse_device(f"adb://127.0.0.1:{free_port()}").run(["true"], "connecting")
+
+
+@pytest.mark.slow
+def test_profile_over_ssh_on_an_arm64_debian_board(pte, tmp_path):
+    """The Jetson stand-in: an arm64 Debian rootfs under qemu-user with its own sshd; profiling
+    pushes the aarch64 runner over ssh and runs it there."""
+    board = start_arm64_board(tmp_path / "board")
+    try:
+        result = profile(pte, board.sshd.spec, runs=10, warmup=1)
+    finally:
+        stop_arm64_board(board)
+    assert PROFILE_FIELDS <= result.keys() and result["count"] == 10
+    assert result["device_state"]["before"]["machine"] == "aarch64" and result["timing_note"] == "emulated, not a speed"
 
 
 @pytest.mark.parametrize("cpu", ["cortex-a53", "cortex-a76"])
