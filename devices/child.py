@@ -12,16 +12,10 @@ import json
 import sys
 import time
 
+from edgesparse.devices.device_bench import random_feed, status_mb as _status_mb, time_calls
+
 # ExecuTorch ScalarType codes (runtime/core/portable_type/scalar_type.h)
 _DTYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 6: "float32", 7: "float64", 11: "bool"}
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _inputs(meta):
@@ -38,22 +32,6 @@ def _inputs(meta):
         else:
             tensors.append(torch.randint(0, 8, shape, generator=gen, dtype=dtype))
     return tensors
-
-
-def _time(call, runs: int, warmup: int, min_seconds: float) -> tuple[float, list[float]]:
-    """(first call ms, steady-state times ms after `warmup` untimed calls)."""
-    t0 = time.perf_counter()
-    call()
-    first_ms = (time.perf_counter() - t0) * 1e3
-    for _ in range(warmup):
-        call()
-    times = []
-    started = time.perf_counter()
-    while len(times) < runs or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return first_ms, times
 
 
 def bench_pte(path: str, threads: int) -> tuple[str, float, object, list]:
@@ -75,19 +53,13 @@ def bench_pte(path: str, threads: int) -> tuple[str, float, object, list]:
 
 
 def bench_onnx(path: str, threads: int) -> tuple[str, float, object, list]:
-    import numpy as np
-
     from edgesparse.runtime_kernels import ort_session
 
     t0 = time.perf_counter()
     session = ort_session(path, threads=threads)
     load_ms = (time.perf_counter() - t0) * 1e3
-    rng = np.random.default_rng(0)
-    feed = {}
-    for arg in session.get_inputs():
-        shape = [d if isinstance(d, int) else 1 for d in arg.shape]  # symbolic dims: 1
-        feed[arg.name] = (rng.standard_normal(shape).astype(np.float32) if "float" in arg.type
-                          else rng.integers(0, 8, shape).astype(np.int64))
+    feed = random_feed(session)
+
     def call():
         return session.run(None, feed)
 
@@ -150,7 +122,7 @@ def per_op_onnx(path: str, runs: int, threads: int, feed: dict) -> list[dict]:
 def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float, per_op: bool = False) -> dict:
     rss_before = _status_mb("VmRSS")
     runtime, load_ms, call, shapes = (bench_onnx if path.endswith(".onnx") else bench_pte)(path, threads)
-    first_ms, times = _time(call, runs, warmup, min_seconds)
+    first_ms, times = time_calls(call, runs, warmup, min_seconds)
     extra = {}
     if per_op:
         ops_runs = min(runs, 100)

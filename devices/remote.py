@@ -69,30 +69,74 @@ def looks_emulated(state: dict) -> bool:
     return state.get("machine", "").startswith(("aarch64", "arm")) and bool(re.search(r"Intel|AMD|x86", state.get("cpu", "")))
 
 
+def ort_library(machine: str) -> Path | None:
+    """Our ONNX Runtime op library built for `machine`, if it is built."""
+    import platform
+
+    from edgesparse import runtime_kernels as rk
+
+    library = rk.ORT_LIBRARY if machine == platform.machine() else rk.ARM_BUILD_DIR / "libedgesparse_ort.so"
+    return library if machine in (platform.machine(), "aarch64") and library.is_file() else None
+
+
+TMP = "{tmp}"  # stands for the device's temp dir in the file lists and commands below
+
+
+def runner_job(transport: Transport, machine: str, model: str, runs: int, warmup: int, min_seconds: float
+               ) -> tuple[list[tuple[Path, str]], list[str]]:
+    """.pte: the C++ runner and its libraries (files to push, command)."""
+    bundle = runner_bundle(machine)
+    files = [(bundle[0], "edgesparse_runner"), *((lib, f"lib/{lib.name}") for lib in bundle[1:])]
+    command = ["env", f"LD_LIBRARY_PATH={TMP}/lib", *transport.runner_prefix(), f"{TMP}/edgesparse_runner", model,
+               "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds)]
+    return files, command
+
+
+def python_job(transport: Transport, machine: str, model: str, runs: int, warmup: int, min_seconds: float,
+               threads: int) -> tuple[list[tuple[Path, str]], list[str]]:
+    """.onnx: device_bench.py, run by the device's python3 with its onnxruntime, and our op library
+    for the device's architecture when it is built (files to push, command)."""
+    probe = transport.run(["python3", "-c", "import numpy, onnxruntime"], "looking for python3 with onnxruntime",
+                          120, check=False)
+    if probe.returncode:
+        raise EdgesparseError(f"{transport.spec} has no python3 with numpy and onnxruntime to run {Path(model).name}",
+                              hint="pip install onnxruntime on the device")
+    files = [(Path(__file__).with_name("device_bench.py"), "device_bench.py")]
+    command = ["python3", f"{TMP}/device_bench.py", model, "--runs", str(runs), "--warmup", str(warmup),
+               "--threads", str(threads), "--min-seconds", str(min_seconds)]
+    if library := ort_library(machine):
+        files.append((library, library.name))
+        command += ["--op-library", f"{TMP}/{library.name}"]
+    return files, command
+
+
 def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int = 10, threads: int = 1,
-                   min_seconds: float = 0.0, timeout: float = 600, runtime: str = "cpp",
+                   min_seconds: float = 0.0, timeout: float = 600, runtime: str | None = None,
                    cpus: list[int] | None = None) -> dict:
-    if runtime != "cpp":
-        raise EdgesparseError(f"on {transport.spec} the C++ runner runs the model (--runtime cpp), not {runtime!r}")
+    """.pte: the C++ runner; .onnx: device_bench.py in the device's python3 with onnxruntime."""
+    onnx = str(artifact).endswith(".onnx")
+    runtime = runtime or ("python" if onnx else "cpp")
+    if runtime != ("python" if onnx else "cpp"):
+        raise EdgesparseError(f"on {transport.spec}, .pte files run in the C++ runner and .onnx files in python3 "
+                              f"(got --runtime {runtime})")
     path = check_artifact(artifact, runs, warmup, threads, runtime)
     before = transport.info()
-    bundle = runner_bundle(before.get("machine", "unknown"))
+    machine, model = before.get("machine", "unknown"), f"{TMP}/model{path.suffix}"
+    files, command = (python_job(transport, machine, model, runs, warmup, min_seconds, threads) if onnx
+                      else runner_job(transport, machine, model, runs, warmup, min_seconds))
     with transport.temp_dir() as tmp:
         transport.run(["mkdir", "-p", f"{tmp}/lib"], "preparing the temp dir", 60)
-        for lib in bundle[1:]:
-            transport.push(lib, f"{tmp}/lib/{lib.name}")
-        transport.push(bundle[0], f"{tmp}/edgesparse_runner")
-        transport.push(path, f"{tmp}/model{path.suffix}")
-        transport.run(["chmod", "+x", f"{tmp}/edgesparse_runner"], "preparing the runner", 60)
+        for local, name in [*files, (path, f"model{path.suffix}")]:
+            transport.push(local, f"{tmp}/{name}")
+        transport.run(["chmod", "+x", *(f"{tmp}/{name}" for _, name in files)], "preparing the runner", 60)
         pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
-        proc = transport.run(["sh", "-c", RUN_WITH_TELEMETRY, "run", tmp, *pin, "env", f"LD_LIBRARY_PATH={tmp}/lib",
-                              *transport.runner_prefix(), f"{tmp}/edgesparse_runner", f"{tmp}/model{path.suffix}", "--runs", str(runs),
-                              "--warmup", str(warmup), "--min-seconds", str(min_seconds)], "running the model",
-                             timeout, check=False)
+        proc = transport.run(["sh", "-c", RUN_WITH_TELEMETRY, "run", tmp, *pin, *(a.replace(TMP, tmp) for a in command)],
+                             "running the model", timeout, check=False)
         result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, f"on {transport.spec}")
         telemetry = transport.run(["sh", "-c", 'cat "$1" 2>/dev/null || true', "read", f"{tmp}/tegrastats.log"],
                                   "reading tegrastats", 60).stdout.splitlines()
-    result.update(device=transport.spec, threads="runtime default")
+    result["device"] = transport.spec
+    result.setdefault("threads", "runtime default")
     if transport.emulated or looks_emulated(before):
         result["timing_note"] = "emulated, not a speed"
     result = finish(result, path, before, transport.info())

@@ -177,9 +177,29 @@ class Arm64Board:
     mounts: list[Path]
 
 
-def start_arm64_board(folder: Path) -> Arm64Board:
-    """Unpack the cached rootfs (`make arm64-rootfs` builds it), mount what runtimes need, start
-    its sshd (an aarch64 binary under qemu) on a free port of 127.0.0.1."""
+AARCH64_WHEELS = ROOTFS_TARBALL.parent / "wheels-aarch64"
+
+
+def aarch64_wheels(*packages: str) -> list[Path]:
+    """cp311 aarch64 wheels of `packages` (no dependencies), downloaded once into the cache."""
+    import sys
+
+    AARCH64_WHEELS.mkdir(parents=True, exist_ok=True)
+    found = [next(AARCH64_WHEELS.glob(f"{p}-*.whl"), None) for p in packages]
+    if None in found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", *packages, "--platform", "manylinux_2_28_aarch64",
+                        "--python-version", "3.11", "--only-binary=:all:", "--no-deps", "-d", str(AARCH64_WHEELS)],
+                       check=True, capture_output=True)
+        found = [next(AARCH64_WHEELS.glob(f"{p}-*.whl")) for p in packages]
+    return found
+
+
+def start_arm64_board(folder: Path, packages: tuple[str, ...] = ()) -> Arm64Board:
+    """Unpack the cached rootfs (`make arm64-rootfs` builds it), unpack aarch64 wheels of
+    `packages` into its python3, mount what runtimes need, and start its sshd (an aarch64 binary
+    under qemu) on a free port of 127.0.0.1."""
+    import zipfile
+
     if os.geteuid() != 0 or not ROOTFS_TARBALL.is_file() or not Path("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists():
         if os.environ.get("CI"):
             pytest.fail("CI must have the arm64 rootfs and binfmt (make arm64-rootfs, as root)")
@@ -187,6 +207,8 @@ def start_arm64_board(folder: Path) -> Arm64Board:
     root = folder / "rootfs"
     root.mkdir(parents=True)
     subprocess.run(["tar", "-xf", str(ROOTFS_TARBALL), "-C", str(root)], check=True)
+    for wheel in aarch64_wheels(*packages) if packages else []:
+        zipfile.ZipFile(wheel).extractall(root / "usr/local/lib/python3.11/dist-packages")
     board = Arm64Board(root, None, [])
     try:
         for kind, source, target in (("proc", "proc", "proc"), ("bind", "/dev", "dev"), ("bind", "/dev/pts", "dev/pts"),

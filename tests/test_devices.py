@@ -200,15 +200,27 @@ def test_adb_transport_against_the_real_client(adb_device, pte, tmp_path):
 
 @pytest.mark.slow
 def test_profile_over_ssh_on_an_arm64_debian_board(pte, tmp_path):
-    """The Jetson stand-in: an arm64 Debian rootfs under qemu-user with its own sshd; profiling
-    pushes the aarch64 runner over ssh and runs it there."""
-    board = start_arm64_board(tmp_path / "board")
+    """The Jetson stand-in: an arm64 Debian rootfs under qemu-user with its own sshd and aarch64
+    numpy + onnxruntime; profiling pushes the aarch64 runner (for the .pte) or device_bench.py and
+    our aarch64 ORT op library (for the .onnx with ai.edgesparse nodes) over ssh and runs them there."""
+    onnx_path = pte.with_suffix(".onnx")
+    if not onnx_path.is_file():
+        from edgesparse import Recipe, export_model
+        from edgesparse.recipe import PruneConfig
+        from edgesparse.models import load_model
+
+        export_model(load_model("demo:digits-cnn"), Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:4x1")),
+                     tmp_path / "onnx", formats=["onnx"], finetune=False)
+        onnx_path = tmp_path / "onnx" / "model.onnx"
+    board = start_arm64_board(tmp_path / "board", packages=("numpy", "onnxruntime"))
     try:
-        result = profile(pte, board.sshd.spec, runs=10, warmup=1)
+        results = [profile(artifact, board.sshd.spec, runs=10, warmup=1) for artifact in (pte, onnx_path)]
     finally:
         stop_arm64_board(board)
-    assert PROFILE_FIELDS <= result.keys() and result["count"] == 10
-    assert result["device_state"]["before"]["machine"] == "aarch64" and result["timing_note"] == "emulated, not a speed"
+    assert [r["runtime"] for r in results] == ["executorch-cpp", "onnxruntime"]
+    for result in results:
+        assert PROFILE_FIELDS <= result.keys() and result["count"] == 10
+        assert result["device_state"]["before"]["machine"] == "aarch64" and result["timing_note"] == "emulated, not a speed"
 
 
 @pytest.mark.parametrize("cpu", ["cortex-a53", "cortex-a76"])
