@@ -112,8 +112,10 @@ def python_job(transport: Transport, machine: str, model: str, runs: int, warmup
 
 def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int = 10, threads: int = 1,
                    min_seconds: float = 0.0, timeout: float = 600, runtime: str | None = None,
-                   cpus: list[int] | None = None) -> dict:
+                   cpus: list[int] | None = None, per_op: bool = False) -> dict:
     """.pte: the C++ runner; .onnx: device_bench.py in the device's python3 with onnxruntime."""
+    if per_op:
+        raise EdgesparseError(f"per-operator times are measured here only (--device local), not on {transport.spec}")
     onnx = str(artifact).endswith(".onnx")
     runtime = runtime or ("python" if onnx else "cpp")
     if runtime != ("python" if onnx else "cpp"):

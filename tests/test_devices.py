@@ -129,6 +129,8 @@ def test_modes_set_floors_and_cpus_pin_the_runner(pte, sshd):
     assert remote["count"] == 30 and remote["cpus"] == [0]
     with pytest.raises(EdgesparseError, match="unknown mode"):
         profile(pte, "local", mode="forever")
+    with pytest.raises(EdgesparseError, match="per-operator times are measured here only"):
+        profile(pte, sshd.spec, per_op=True)
 
 
 def test_devices_lists_local_and_the_configured_ssh_hosts(tmp_path):
