@@ -71,7 +71,7 @@ arm64-rootfs:
 		mmdebstrap qemu-user-static binfmt-support arch-test) >/dev/null; \
 	mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; \
 	update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true; \
-	[ -f $(ROOTFS) ] || { mkdir -p $(dir $(ROOTFS)) && mmdebstrap --quiet --arch=arm64 --variant=minbase \
+	[ -f $(ROOTFS) ] || { mkdir -p $(dir $(ROOTFS)) && mmdebstrap --quiet --format=tar --arch=arm64 --variant=minbase \
 		--include=libstdc++6,openssh-server,python3 bookworm $(ROOTFS).part http://deb.debian.org/debian \
 		&& mv $(ROOTFS).part $(ROOTFS); }
 
