@@ -1,6 +1,7 @@
-"""Profiling on a device reached through a transport (ssh, adb, serial, emulated): push the
-torch-free C++ runner, the libraries it needs that the device may lack, and the artifact into a
-fresh temp dir; run; read the runner's JSON; remove the temp dir whatever happened.
+"""Profiling on a device reached through a transport (ssh, adb, serial, emulated): push what runs
+the artifact (.pte: the torch-free C++ runner and the libraries it needs that the device may lack;
+.onnx: device_bench.py and our ONNX Runtime op library) and the artifact into a fresh temp dir;
+run; read the JSON; remove the temp dir whatever happened.
 
 The runner is picked by the device's architecture: this machine's build for a same-arch device,
 the cross-built aarch64 one (`make arm-runner`, dynamic against glibc: Jetson, Raspberry Pi OS,
@@ -16,8 +17,6 @@ from edgesparse.devices.local import check_artifact, finish, parse_runner_output
 from edgesparse.devices.tegrastats import energy_per_inference
 from edgesparse.devices.transports import Transport
 from edgesparse.errors import EdgesparseError
-
-SYSTEM_LIB_DIRS = ("/lib", "/usr/lib", "/lib64", "/usr/lib64")
 
 # sh -c RUN_WITH_TELEMETRY run DIR CMD...: CMD's exit status, with tegrastats (a Jetson) sampling
 # every 100 ms into DIR/tegrastats.log while it runs
