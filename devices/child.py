@@ -7,12 +7,11 @@ Run in its own process so its peak RSS (VmHWM) belongs to this model alone:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
-from edgesparse.devices.device_bench import random_feed, status_mb as _status_mb, time_calls
+from edgesparse.devices.device_bench import print_result, random_feed, status_mb as _status_mb, time_calls, timing_parser
 
 # ExecuTorch ScalarType codes (runtime/core/portable_type/scalar_type.h)
 _DTYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 6: "float32", 7: "float64", 11: "bool"}
@@ -76,9 +75,10 @@ def per_op_pte(path: str, runs: int) -> list[dict]:
     import torch
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
 
     module = portable_lib._load_for_executorch(path, enable_etdump=True, debug_buffer_size=0)
-    program = __import__("executorch.runtime", fromlist=["Runtime"]).Runtime.get().load_program(path)
+    program = Runtime.get().load_program(path)  # for the input metadata
     inputs = _inputs(program.metadata("forward"))
     for _ in range(runs + 1):
         module.forward(inputs)
@@ -142,21 +142,10 @@ def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float, p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("path")
-    parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-seconds", type=float, default=0.0)
+    parser = timing_parser()
     parser.add_argument("--per-op", action="store_true", help="then per-operator times (ETDump / ORT profiling)")
     args = parser.parse_args(argv)
-    try:
-        result = bench(args.path, args.runs, args.warmup, args.threads, args.min_seconds, args.per_op)
-    except Exception as exc:  # reported to the parent as one line
-        print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
-        return 2
-    print(json.dumps(result))
-    return 0
+    return print_result(lambda: bench(args.path, args.runs, args.warmup, args.threads, args.min_seconds, args.per_op))
 
 
 if __name__ == "__main__":

@@ -68,27 +68,44 @@ def load_onnx(path: str, threads: int, op_library: str | None):
     return "onnxruntime", lambda: session.run(None, feed)
 
 
-def main(argv=None) -> int:
+def timing_parser() -> argparse.ArgumentParser:
+    """The arguments every runner child takes (this script's, and edgesparse.devices.child's)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("path")
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-seconds", type=float, default=0.0)
-    parser.add_argument("--op-library", help="an ONNX Runtime custom-op library to register (ai.edgesparse)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def print_result(measure) -> int:
+    """Print measure()'s dict as one JSON line, or its exception as a one-line {"error": ...}."""
     try:
-        rss_before = status_mb("VmRSS")
-        t0 = time.perf_counter()
-        runtime, call = load_onnx(args.path, args.threads, args.op_library)
-        load_ms = (time.perf_counter() - t0) * 1e3
-        first_ms, times = time_calls(call, args.runs, args.warmup, args.min_seconds)
+        result = measure()
     except Exception as exc:  # reported to the host as one line
         print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
         return 2
-    print(json.dumps({"runtime": runtime, "threads": args.threads, "load_ms": load_ms, "first_run_ms": first_ms,
-                      "times_ms": times, "rss_before_load_mb": rss_before, "peak_rss_mb": status_mb("VmHWM")}))
+    print(json.dumps(result))
     return 0
+
+
+def measure_onnx(path: str, runs: int, warmup: int, threads: int, min_seconds: float, op_library: str | None) -> dict:
+    rss_before = status_mb("VmRSS")
+    t0 = time.perf_counter()
+    runtime, call = load_onnx(path, threads, op_library)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    first_ms, times = time_calls(call, runs, warmup, min_seconds)
+    return {"runtime": runtime, "threads": threads, "load_ms": load_ms, "first_run_ms": first_ms, "times_ms": times,
+            "rss_before_load_mb": rss_before, "peak_rss_mb": status_mb("VmHWM")}
+
+
+def main(argv=None) -> int:
+    parser = timing_parser()
+    parser.add_argument("--op-library", help="an ONNX Runtime custom-op library to register (ai.edgesparse)")
+    args = parser.parse_args(argv)
+    return print_result(lambda: measure_onnx(args.path, args.runs, args.warmup, args.threads, args.min_seconds,
+                                             args.op_library))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,20 @@ PROFILE_FIELDS = {"load_ms", "first_run_ms", "count", "mean_ms", "std_ms", "min_
                   "p99_ms", "peak_rss_mb", "bytes", "sha256", "device_state", "memory_note", "runtime"}
 
 
+HOSTILE_NAME = "a b; touch pwned; $(touch pwned2) 'q\""
+
+
+def check_file_round_trip(device, remote: str, name: str, tmp_path, size: int) -> None:
+    """Push `size` bytes to remote/name (a name a shell would split), find exactly that one file
+    there, pull it back unchanged."""
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(range(256)) * (size // 256))
+    device.push(src, f"{remote}/{name}")
+    assert device.run(["ls", "-A", remote], "listing").stdout.splitlines() == [name]
+    device.pull(f"{remote}/{name}", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
@@ -152,14 +166,8 @@ def test_device_state_script_runs_here():
 def test_ssh_transport_quotes_arguments_and_moves_files(sshd, tmp_path):
     device = parse_device(sshd.spec)
     with device.temp_dir() as remote:
-        name = "a b; touch pwned; $(touch pwned2) 'q\""
-        src = tmp_path / "src.bin"
-        src.write_bytes(bytes(range(256)) * 100)
-        device.push(src, f"{remote}/{name}")
-        assert device.run(["ls", "-A", remote], "listing").stdout.splitlines() == [name]
+        check_file_round_trip(device, remote, HOSTILE_NAME, tmp_path, 25600)
         assert device.run(["sh", "-c", "ls pwned pwned2"], "checking", check=False).returncode != 0  # nothing else ran
-        device.pull(f"{remote}/{name}", tmp_path / "back.bin")
-        assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
         assert device.run(["sh", "-c", "exit 3"], "exiting", check=False).returncode == 3
     assert device.run(["test", "-e", remote], "checking", check=False).returncode == 1  # temp dir removed
 
@@ -186,13 +194,7 @@ def test_adb_transport_against_the_real_client(adb_device, pte, tmp_path):
     result = device.run(["sh", "-c", "echo out; echo err >&2; exit 3"], "trying", check=False)
     assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
     with device.temp_dir() as remote:
-        name = "a b; touch pwned; $(touch pwned2)"
-        src = tmp_path / "blob"
-        src.write_bytes(bytes(range(256)) * 4000)
-        device.push(src, f"{remote}/{name}")
-        assert device.run(["ls", "-A", remote], "listing").stdout.splitlines() == [name]
-        device.pull(f"{remote}/{name}", tmp_path / "back")
-        assert (tmp_path / "back").read_bytes() == src.read_bytes()
+        check_file_round_trip(device, remote, HOSTILE_NAME, tmp_path, 1_024_000)
     assert device.run(["test", "-e", remote], "checking", check=False).returncode == 1
     profiled = profile(pte, adb_device.spec, runs=20, warmup=2)
     assert PROFILE_FIELDS <= profiled.keys() and profiled["count"] >= 20 and profiled["device"] == adb_device.spec
@@ -244,11 +246,7 @@ def test_serial_transport_runs_and_moves_files(serial_board, tmp_path):
     device = parse_device(serial_board.spec)
     assert device.run(["sh", "-c", "echo hi; exit 4"], "trying", check=False).returncode == 4
     with device.temp_dir() as remote:
-        src = tmp_path / "blob"
-        src.write_bytes(bytes(range(256)) * 4000)
-        device.push(src, f"{remote}/x y;z")
-        device.pull(f"{remote}/x y;z", tmp_path / "back")
-        assert (tmp_path / "back").read_bytes() == src.read_bytes()
+        check_file_round_trip(device, remote, "x y;z", tmp_path, 1_024_000)
 
 
 @pytest.mark.slow
