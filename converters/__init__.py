@@ -1,0 +1,19 @@
+"""Exporters: each takes an `ExportJob` and a destination, writes a verified artifact atomically
+and returns its manifest entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass
+class ExportJob:
+    model: nn.Module  # what the .pte holds: quantized (PT2E) and/or with edgesparse ops swapped in
+    pruned: nn.Module  # the pruned fp32 model with plain torch layers (ONNX int8 and TFLite start here)
+    example_inputs: tuple
+    sample_inputs: list[tuple]  # verification inputs
+    quant: str = "none"  # none | int8 | int8-dynamic | int4w
+    calib: list[tuple] = field(default_factory=list)  # int8 calibration batches
+    onnx_sparse_storage: bool = False

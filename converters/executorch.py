@@ -10,7 +10,7 @@ from torch import nn
 
 from edgesparse import _progress
 from edgesparse._io import atomic_path, native_stderr, sha256_file
-from edgesparse.converters import verify
+from edgesparse.converters import ExportJob, verify
 from edgesparse.errors import EdgesparseError
 from edgesparse.quantize import capture
 
@@ -45,15 +45,15 @@ def run_pte(method, inputs: tuple) -> torch.Tensor:
     return method.execute([t.contiguous() for t in inputs])[0]
 
 
-def export_pte(model: nn.Module, example_inputs: tuple, dest: str | Path, *, sample_inputs: list[tuple], quantized: bool) -> dict:
+def export_pte(job: ExportJob, dest: str | Path) -> dict:
     """Write a verified .pte at `dest` (atomically) and return its manifest entry."""
     dest = Path(dest)
     with _progress.status(f"exporting {dest.name} (torch.export -> XNNPACK -> .pte)"):
-        program = lower(model, example_inputs)
+        program = lower(job.model, job.example_inputs)
     with atomic_path(dest) as tmp:
         tmp.write_bytes(program.buffer)
         with _progress.status(f"verifying {dest.name} in the ExecuTorch runtime"):
-            entry = verify_pte(tmp, model, sample_inputs, quantized)
+            entry = verify_pte(tmp, job.model, job.sample_inputs, job.quant != "none")
     entry.update(format="pte", path=dest.name, bytes=dest.stat().st_size, sha256=sha256_file(dest))
     return entry
 
@@ -67,9 +67,5 @@ def verify_pte(path: Path, model: nn.Module, sample_inputs: list[tuple], quantiz
     scale = max(float(r.abs().max()) for r in reference)
     entry = {"verified": verify.passes(metrics, quantized, scale), "samples": len(sample_inputs)}
     entry.update(metrics)
-    entry["tolerance"] = (
-        {"min_cosine": verify.QUANT_MIN_COSINE, "max_relative_error": verify.QUANT_MAX_RELATIVE}
-        if quantized
-        else {"max_abs_error": verify.FP32_ATOL * max(1.0, scale)}
-    )
+    entry["tolerance"] = verify.tolerance(quantized, scale)
     return entry

@@ -28,3 +28,9 @@ def passes(metrics: dict, quantized: bool, output_scale: float) -> bool:
     if quantized:
         return metrics["cosine"] >= QUANT_MIN_COSINE and metrics["relative_error"] <= QUANT_MAX_RELATIVE
     return metrics["max_abs_error"] <= FP32_ATOL * max(1.0, output_scale)
+
+
+def tolerance(quantized: bool, output_scale: float) -> dict:
+    if quantized:
+        return {"min_cosine": QUANT_MIN_COSINE, "max_relative_error": QUANT_MAX_RELATIVE}
+    return {"max_abs_error": FP32_ATOL * max(1.0, output_scale)}

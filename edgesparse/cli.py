@@ -30,7 +30,8 @@ def export(
     prune: Optional[float] = typer.Option(None, "--prune", help="target sparsity in [0, 1), e.g. 0.9"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="unstructured | block:RxC | nm:N:M | channel"),
     quant: Optional[str] = typer.Option(None, "--quant", help="none | int8 | int8-dynamic | int4w"),
-    fmt: str = typer.Option("pte", "--format", help="comma-separated formats: pte, onnx (fp32)"),
+    fmt: str = typer.Option("pte", "--format", help="comma-separated formats: pte, onnx, tflite (tflite needs the [tflite] extra)"),
+    onnx_sparse_storage: bool = typer.Option(False, "--onnx-sparse-storage", help="store mostly-zero ONNX initializers as sparse tensors (smaller file; ONNX Runtime densifies them at load)"),
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="gradual pruning over N fine-tune steps (built-in demos; 0 = one-shot)"),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="output folder"),
 ):
@@ -43,7 +44,7 @@ def export(
     if base is None and finetune_steps is None and model.startswith("demo:"):
         finetune_steps = 300 if (prune or 0) > 0 or (pattern or "").startswith("nm") else 0
     resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps)
-    record = export_model(model, resolved, output, formats)
+    record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage)
     print_export_summary(record, output)
     if not all(a["verified"] for a in record["artifacts"]):
         raise EdgesparseError("an artifact failed verification against torch (see manifest.json)")

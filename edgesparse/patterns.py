@@ -82,3 +82,30 @@ def pattern_fits(pattern: Pattern, matrix_shape: tuple[int, int]) -> str | None:
     if pattern.kind == "block" and (pattern.rows > out or pattern.cols > inp):
         return f"block {pattern.rows}x{pattern.cols} is larger than the weight ({out}x{inp})"
     return None
+
+
+# Block shapes `detect_pattern` recognises, largest first (a 8x1-pruned weight is also 4x1-pruned).
+_DETECT_BLOCKS = ((8, 1), (1, 16), (4, 1), (1, 8), (2, 1), (1, 4), (1, 2))
+_DETECT_NM = ((1, 4), (2, 4), (2, 8), (4, 8))
+
+
+def detect_pattern(matrix: torch.Tensor, min_sparsity: float = 0.05) -> str | None:
+    """The pattern a pruned [out, in] weight follows, read from its zeros: "block:RxC" when every
+    zero sits in an all-zero RxC block, "nm:N:M" when every M inputs hold at most N non-zeros,
+    else "unstructured"; None when it is (nearly) dense."""
+    zero = matrix.reshape(matrix.shape[0], -1) == 0
+    out, inp = zero.shape
+    sparsity = float(zero.float().mean()) if zero.numel() else 0.0
+    if sparsity < min_sparsity:
+        return None
+    for rows, cols in _DETECT_BLOCKS:
+        if out % rows or inp % cols or (rows > 1 and out == rows) or (cols > 1 and inp == cols):
+            continue
+        blocks = zero.reshape(out // rows, rows, inp // cols, cols)
+        if torch.equal(blocks.all(dim=(1, 3)).sum() * rows * cols, zero.sum()):
+            return f"block:{rows}x{cols}"
+    for n, m in _DETECT_NM:
+        # N:M pruning leaves exactly 1 - N/M zeros; the check keeps sparse random weights out
+        if inp % m == 0 and abs(sparsity - (1 - n / m)) < 0.02 and bool(((~zero).reshape(out, inp // m, m).sum(-1) <= n).all()):
+            return f"nm:{n}:{m}"
+    return "unstructured"

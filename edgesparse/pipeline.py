@@ -13,7 +13,9 @@ from edgesparse import _progress, manifest as manifest_mod
 from edgesparse._io import staging_dir, write_json_atomic
 from edgesparse.compress import compress
 from edgesparse.converters.executorch import export_pte, load_method, run_pte
+from edgesparse.converters import ExportJob
 from edgesparse.converters.onnx import export_onnx
+from edgesparse.converters.tflite import export_tflite, interpreter, run_tflite
 from edgesparse import runtime_kernels
 from edgesparse.converters.sparse_swap import fold_batchnorm, has_kernels, swap_sparse_layers
 from edgesparse.errors import EdgesparseError
@@ -21,8 +23,7 @@ from edgesparse.layers import set_training
 from edgesparse.models import ModelBundle, load_model
 from edgesparse.recipe import Recipe
 
-FORMATS = {"pte": export_pte, "onnx": export_onnx}
-PLANNED_FORMATS = ("tflite",)
+FORMATS = {"pte": export_pte, "onnx": export_onnx, "tflite": export_tflite}
 
 
 def parse_formats(text: str) -> list[str]:
@@ -30,8 +31,6 @@ def parse_formats(text: str) -> list[str]:
     if not formats:
         raise EdgesparseError("no export format given (use --format pte)")
     for fmt in formats:
-        if fmt in PLANNED_FORMATS:
-            raise EdgesparseError(f"format {fmt!r} is not available in this version yet (available: {', '.join(FORMATS)})")
         if fmt not in FORMATS:
             raise EdgesparseError(f"unknown format {fmt!r} (available: {', '.join(FORMATS)})")
     return list(dict.fromkeys(formats))
@@ -43,6 +42,7 @@ def export_model(
     out_dir: str | Path,
     formats: list[str] = ("pte",),
     finetune: bool = True,
+    onnx_sparse_storage: bool = False,
 ) -> dict:
     """Compress and export; returns the manifest (also written to out_dir/manifest.json)."""
     formats = parse_formats(",".join(formats))
@@ -63,6 +63,7 @@ def export_model(
         metrics["accuracy_compressed"] = bundle.evaluate(_rowwise(predict) if _batch_one(bundle) else predict)
     if bundle.notes:
         metrics["eval_set"] = "; ".join(bundle.notes)
+    pruned = copy.deepcopy(result.pruned)  # the swap below may work in place
     export_model_ = result.model
     if runtime_kernels.register_with_exporter() and recipe.quant.mode == "none" and has_kernels("float32"):
         export_model_ = fold_batchnorm(result.model)
@@ -73,11 +74,11 @@ def export_model(
     if swapped:
         record["runtime_ops"] = {"library": runtime_kernels.ET_LIBRARY.name, "onnx_library": runtime_kernels.ORT_LIBRARY.name,
                                  "kernels": sorted({plan.kernel for plan in result.layers if plan.kernel != "dense-xnnpack"})}
-    quantized = recipe.quant.mode != "none"
+    job = ExportJob(export_model_, pruned, bundle.example_inputs, bundle.verification_inputs(), recipe.quant.mode,
+                    calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage)
     with staging_dir(out_dir) as stage:
         for fmt in formats:
-            entry = FORMATS[fmt](export_model_, bundle.example_inputs, stage / f"model.{fmt}",
-                                 sample_inputs=bundle.verification_inputs(), quantized=quantized)
+            entry = FORMATS[fmt](job, stage / f"model.{fmt}")
             if bundle.evaluate and _batch_one(bundle):  # score the artifact itself, in its runtime
                 entry["accuracy"] = bundle.evaluate(_rowwise(_artifact_predictor(fmt, stage / entry["path"])))
             record["artifacts"].append(entry)
@@ -86,10 +87,23 @@ def export_model(
     return record
 
 
+def _calibration(bundle: ModelBundle, recipe: Recipe):
+    """The int8 calibration batches the ONNX and TFLite quantizers use (the .pte's PT2E
+    quantization calibrates on the same source)."""
+    if recipe.quant.mode != "int8":
+        return []
+    from edgesparse.quantize import take_batches
+
+    return take_batches(bundle.calib(), recipe.quant.calib_batches) if bundle.calib else [tuple(bundle.example_inputs)]
+
+
 def _artifact_predictor(fmt: str, path: Path):
     if fmt == "pte":
         method = load_method(path)
         return lambda x: run_pte(method, (x,))
+    if fmt == "tflite":
+        runner = interpreter(path)
+        return lambda x: run_tflite(runner, (x,))
     session = runtime_kernels.ort_session(path)
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])

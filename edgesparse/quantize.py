@@ -62,7 +62,7 @@ def quantize(
     info = {"mode": cfg.mode, "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor " + ("dynamic" if dynamic else "static")}
     batches = []
     if not dynamic:
-        batches = list(_take(calib, cfg.calib_batches)) if calib is not None else []
+        batches = list(take_batches(calib, cfg.calib_batches)) if calib is not None else []
         if not batches:
             batches = [tuple(example_inputs)]
             info["warning"] = "no calibration data: calibrated on the example inputs only"
@@ -76,7 +76,7 @@ def quantize(
     return convert_pt2e(prepared), info
 
 
-def _take(iterable: Iterable, n: int):
+def take_batches(iterable: Iterable, n: int):
     for i, item in enumerate(iterable):
         if i >= n:
             return
