@@ -33,15 +33,19 @@ SPARSE_STORAGE_NOTE = "sparse initializers (SparseTensorProto): ONNX Runtime den
 
 
 def to_onnx(model: nn.Module, example_inputs: tuple):
-    """torch.onnx (dynamo) -> onnx.ModelProto, weights inside."""
+    """torch.onnx (dynamo) -> onnx.ModelProto, weights inside, without the per-node debug
+    metadata (torch stack traces: a third of a small model's file)."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         # it logs a warning per missing optional package (torchvision) on every export
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         try:
-            return torch.onnx.export(model, tuple(example_inputs), dynamo=True, external_data=False, verbose=False).model_proto
+            proto = torch.onnx.export(model, tuple(example_inputs), dynamo=True, external_data=False, verbose=False).model_proto
         except Exception as exc:
             raise EdgesparseError(f"torch.onnx could not export the model: {first_line(exc)}") from None
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    return proto
 
 
 def export_onnx(job: ExportJob, dest: str | Path) -> dict:

@@ -40,12 +40,12 @@ def _schema():
 
 # ---- reading and writing the flatbuffer (shared with `edgesparse inspect`) -------------------
 
-def load(data: bytes, name: str = "model.tflite"):
+def load(data: bytes):
     """The model as the flatbuffer object API (ModelT), or a one-line error for anything that is
     not a well-formed TFLite model."""
     s = _schema()
     if len(data) < 8 or data[4:8] != IDENTIFIER:
-        raise EdgesparseError(f"{name} is not a TFLite model (no TFL3 identifier)")
+        raise EdgesparseError("not a TFLite model (no TFL3 identifier)")
     try:
         model = s.ModelT.InitFromPackedBuf(data, 0)
         if not model.subgraphs:
@@ -59,7 +59,7 @@ def load(data: bytes, name: str = "model.tflite"):
     except EdgesparseError:
         raise
     except Exception as exc:  # flatbuffers raises anything from IndexError to struct.error
-        raise EdgesparseError(f"{name} is a corrupt or truncated TFLite model ({type(exc).__name__}: {first_line(exc)})") from None
+        raise EdgesparseError(f"corrupt or truncated TFLite model ({type(exc).__name__}: {first_line(exc)})") from None
     return model
 
 

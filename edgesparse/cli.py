@@ -74,6 +74,37 @@ def print_export_summary(record: dict, output: Path) -> None:
 
 
 @app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., help="a .pte, .onnx or .tflite file"),
+    target: Optional[str] = typer.Option(None, "--target", help="arm64 or x86_64 (default: this machine)"),
+    json_out: bool = typer.Option(False, "--json", help="print JSON instead of the table"),
+):
+    """Per layer: shape, dtype, stored bytes, sparsity, pattern, and whether it runs sparse on the
+    target runtime (and why not); then a one-line verdict and the fix."""
+    import json
+
+    from edgesparse.converters.inspect import inspect_artifact
+
+    report = inspect_artifact(artifact, target)
+    if json_out:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"{artifact.name} ({report['runtime']}, target {report['target']})")
+    for col in ("layer", "op", "shape", "dtype", "KiB", "sparsity", "pattern", "sparse"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("KiB", "sparsity") else "left")
+    table.add_column("runs on / why dense", overflow="fold", min_width=24, ratio=1)
+    for layer in report["layers"]:
+        table.add_row(layer["name"], layer["op"], "x".join(map(str, layer["shape"])), layer["dtype"],
+                      f"{layer['stored_bytes'] / 1024:.1f}", f"{layer['sparsity']:.1%}", layer["pattern"] or "-",
+                      "[green]yes[/]" if layer["sparse"] else "no", layer["why"])
+    out.print(table)
+    color = "green" if report["verdict"].startswith("yes") else "yellow"
+    out.print(f"[bold {color}]verdict:[/] {report['verdict']}")
+    if report["fix"]:
+        out.print(f"[bold]fix:[/] {report['fix']}")
+
+
+@app.command()
 def profile(
     artifact: Path = typer.Argument(..., help="a .pte or .onnx file"),
     device: str = typer.Option("local", "--device", help="where to run: local or ssh://user@host[:port][?identity=KEY&known_hosts=FILE]"),

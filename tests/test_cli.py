@@ -182,3 +182,11 @@ def test_bench_kernels_quick_writes_the_issue_rows(tmp_path):
     for row in rows:
         assert row["threads"] == 1 and row["ours_ms"] > 0
         assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ours_ms"])
+
+
+def test_inspect_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    truncated = tmp_path / "model.onnx"
+    truncated.write_bytes(b"\x08\x07\x12\x05torch\x3a\xff\xff\xff")
+    for path, needle in ((tmp_path / "missing.tflite", "no such file"), (truncated, "corrupt"), (tmp_path / "x.txt", "expected a .pte")):
+        code, _, err = run_cli(["inspect", path], capsys, monkeypatch)
+        assert_user_error(code, err, needle)

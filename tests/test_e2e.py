@@ -54,3 +54,27 @@ def test_mobilenetv2_channel_pruned_int8(tmp_path):
     assert len(shrunk) >= 10
     assert all(layer["shape_after"][0] < layer["shape"][0] for layer in shrunk)
     assert record["artifacts"][0]["verified"]
+
+
+def test_three_formats_sizes_and_inspect_match_the_manifest(tmp_path):
+    """The converters issue's acceptance: pte, onnx and tflite from one command, all verified,
+    sizes against the dense exports, and `inspect` reading back the manifest's sparsity."""
+    pytest.importorskip("litert_torch", reason="the [tflite] extra is not installed")
+    edgesparse("export", "demo:digits-cnn", "--prune", "0.9", "--pattern", "block:4x1", "--format", "pte,onnx,tflite", "-o", tmp_path)
+    record = json.loads((tmp_path / "manifest.json").read_text())
+    artifacts = {a["format"]: a for a in record["artifacts"]}
+    assert sorted(artifacts) == ["onnx", "pte", "tflite"] and all(a["verified"] for a in artifacts.values())
+    assert artifacts["tflite"]["bytes"] <= 0.30 * artifacts["tflite"]["dense_bytes"]
+    assert artifacts["onnx"]["bytes"] <= 0.35 * artifacts["onnx"]["dense_bytes"]
+    expected = {layer["name"]: layer["sparsity"] for layer in record["layers"] if layer["sparsity"] > 0.05}
+    assert len(expected) == 4
+    for fmt, artifact in artifacts.items():
+        report = json.loads(edgesparse("inspect", tmp_path / artifact["path"], "--json", "--target", "arm64").stdout)
+        measured = [layer for layer in report["layers"] if layer["sparsity"] > 0.05]
+        assert sorted(layer["sparsity"] for layer in measured) == pytest.approx(sorted(expected.values()), abs=0.005), fmt
+        assert all(layer["pattern"] == "block:4x1" for layer in measured), fmt
+        if fmt == "tflite":  # layers keep their torch names; the 1-channel stem keeps XNNPACK dense
+            assert {layer["name"]: layer["sparsity"] for layer in measured} == pytest.approx(expected, abs=0.005)
+            assert report["verdict"].startswith("no") and "stem" in report["fix"]
+        else:  # edgesparse ops in the .pte, ai.edgesparse nodes in the .onnx
+            assert report["verdict"].startswith("yes"), report["verdict"]
