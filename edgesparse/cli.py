@@ -69,7 +69,8 @@ def print_export_summary(record: dict, output: Path) -> None:
         err = f"cosine {a['cosine']:.6f}" if record["quantization"]["mode"] != "none" else f"max abs err {a['max_abs_error']:.2e}"
         acc = f", accuracy {a['accuracy']:.2%}" if "accuracy" in a else ""
         status = "[green]verified[/]" if a["verified"] else "[red]NOT verified[/]"
-        out.print(f"{output / a['path']}: {a['bytes'] / 1024:.1f} KiB, {err}{acc}, {status}")
+        size = f" ({a['size_vs_dense']:.0%} of its dense export)" if "size_vs_dense" in a else ""
+        out.print(f"{output / a['path']}: {a['bytes'] / 1024:.1f} KiB{size}, {err}{acc}, {status}")
     out.print(f"manifest: {output / 'manifest.json'}")
 
 
