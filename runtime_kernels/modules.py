@@ -135,17 +135,18 @@ class ActSparseLinear(_SparseModule):
 
 class ActSparseGatedMLP(_SparseModule):
     """A gated MLP `down(act(gate(x)) * up(x))` (LLaMA / SmolLM2 SwiGLU with act = SiLU) whose
-    neurons with |act(gate x)| <= threshold are skipped (CATS), run by
-    edgesparse::actsparse_gated_mlp. The gate runs dense; each neuron's up row and down column are
+    neurons with |act(gate x)| <= threshold are skipped (CATS; a [hidden] tensor gives one
+    threshold per neuron: CHESS), run by edgesparse::actsparse_gated_mlp. The gate runs dense; each neuron's up row and down column are
     stored together (`bundle`), so a live neuron's weights are one contiguous read and a dead
     one's are never touched. threshold < 0 keeps every neuron (the dense MLP)."""
 
     op, op_name, onnx_op = torch.ops.edgesparse.actsparse_gated_mlp, "actsparse_gated_mlp", "ActSparseGatedMLP"
-    operands = ("gate", "bundle", "gate_bias", "up_bias", "down_bias")
+    operands = ("gate", "bundle", "gate_bias", "up_bias", "down_bias", "thresholds")
     attrs = ("threshold", "activation")
     kernel_name = "edgesparse::actsparse_gated_mlp (f32)"
 
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, threshold: float = 0.0, activation: str = "silu"):
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, threshold: float | torch.Tensor = 0.0,
+                 activation: str = "silu"):
         super().__init__()
         if activation not in ops.ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)} (got {activation!r})")
@@ -155,13 +156,38 @@ class ActSparseGatedMLP(_SparseModule):
         def bias(linear):
             return None if linear.bias is None else linear.bias.detach().float().clone()
 
+        per_neuron = isinstance(threshold, torch.Tensor) and threshold.numel() > 1
+        if per_neuron and threshold.numel() != gate.out_features:
+            raise ValueError(f"per-neuron thresholds must have {gate.out_features} values (got {threshold.numel()})")
+        # tensors first, None buffers last: torch.export miscounts buffers after a None one
         self.register_buffer("gate", gate.weight.detach().float().contiguous())
         self.register_buffer("bundle", torch.cat([up.weight.detach().float(), down.weight.detach().float().t()], dim=1).contiguous())
-        self.register_buffer("gate_bias", bias(gate))
-        self.register_buffer("up_bias", bias(up))
-        self.register_buffer("down_bias", bias(down))
-        self.threshold, self.activation = float(threshold), ops.ACTIVATIONS[activation]
+        optional = {"gate_bias": bias(gate), "up_bias": bias(up), "down_bias": bias(down),
+                    "thresholds": threshold.detach().float().reshape(-1).clone() if per_neuron else None}
+        for name, value in sorted(optional.items(), key=lambda item: item[1] is None):
+            self.register_buffer(name, value)
+        self.threshold = 0.0 if per_neuron else float(threshold)
+        self.activation = ops.ACTIVATIONS[activation]
         self.in_features, self.out_features = gate.in_features, down.out_features
+
+
+def onnx_emitter(op, shape: tuple):
+    """A function that takes `op`'s arguments (x, operands..., attributes...) and emits the
+    ai.edgesparse node the op's module emits under torch.onnx (for graphs already captured)."""
+    module = next(cls for cls in _all_subclasses(_SparseModule) if cls.op is not None and cls.op.default == op._overloadpacket.default)
+
+    def emit(x, *rest):
+        tensors, values = rest[: len(module.operands)], rest[len(module.operands):]
+        return torch.onnx.ops.symbolic(f"ai.edgesparse::{module.onnx_op}", (x, *tensors), dict(zip(module.attrs, values)),
+                                       dtype=x.dtype, shape=shape, version=1)
+
+    return emit
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
 
 
 def block_shape_for(pattern: Pattern) -> tuple[int, int] | None:

@@ -75,18 +75,20 @@ ACTIVATIONS = {"silu": 0, "relu": 1}  # the C kernels' ES_ACT_* codes
 
 
 # Activation-sparse gated MLP (CATS on SwiGLU): gate [hidden, in] dense; bundle [hidden, in + out]
-# holds each neuron's up row and down column; neurons with |act(gate x)| <= threshold are skipped.
-def _gated_mlp(x, gate, bundle, gate_bias, up_bias, down_bias, threshold, activation):
+# holds each neuron's up row and down column; neurons with |act(gate x)| <= threshold are skipped
+# (one threshold per neuron when `thresholds` [hidden] is given: CHESS).
+def _gated_mlp(x, gate, bundle, gate_bias, up_bias, down_bias, thresholds, threshold, activation):
     inp = gate.shape[1]
     g = F.linear(x, gate, gate_bias)
     a = torch.relu(g) if activation == ACTIVATIONS["relu"] else F.silu(g)
-    h = torch.where(a.abs() > threshold, a * F.linear(x, bundle[:, :inp], up_bias), torch.zeros_like(a))
+    limit = threshold if thresholds is None else thresholds
+    h = torch.where(a.abs() > limit, a * F.linear(x, bundle[:, :inp], up_bias), torch.zeros_like(a))
     y = h @ bundle[:, inp:]
     return y if down_bias is None else y + down_bias
 
 
 _define("actsparse_gated_mlp", "Tensor x, Tensor gate, Tensor bundle, Tensor? gate_bias, Tensor? up_bias, "
-        "Tensor? down_bias, float threshold, int activation", _gated_mlp,
+        "Tensor? down_bias, Tensor? thresholds, float threshold, int activation", _gated_mlp,
         lambda x, gate, bundle, *a: bundle.shape[1] - gate.shape[1])
 
 

@@ -410,20 +410,23 @@ def test_gated_mlp_skips_dead_neurons_and_matches_torch_everywhere(activation, b
         a = act(gate(x))
         threshold = float(a.abs().flatten().quantile(0.6))  # 60% of the neurons dead
         want = down(torch.where(a.abs() > threshold, a, 0.0) * up(x))
+        per_neuron = a.abs().quantile(0.5, dim=0) + 1e-4  # CHESS: one per neuron, kept off the values
+        want_per_neuron = down(torch.where(a.abs() > per_neuron, a, 0.0) * up(x))
         dense = down(a * up(x))
-    for t, expected in ((threshold, want), (-1.0, dense)):
+    for t, expected in ((threshold, want), (per_neuron, want_per_neuron), (-1.0, dense)):
         module = ActSparseGatedMLP(gate, up, down, t, activation).eval()
         torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
         path = tmp_path / "gated.pte"
         path.write_bytes(lower(module, (x,)).buffer)
         torch.testing.assert_close(run_pte(load_method(path), (x,)), expected, rtol=1e-5, atol=1e-5)
-    onnx_path = tmp_path / "gated.onnx"
-    module.threshold = threshold
-    torch.onnx.export(module, (x,), str(onnx_path), dynamo=True, external_data=False)
-    for threads in (1, 2):
-        session = edgesparse.ort_session(onnx_path, threads=threads)
-        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for t, expected in ((threshold, want), (per_neuron, want_per_neuron)):
+        onnx_path = tmp_path / "gated.onnx"
+        torch.onnx.export(ActSparseGatedMLP(gate, up, down, t, activation).eval(), (x,), str(onnx_path), dynamo=True,
+                          external_data=False)
+        for threads in (1, 2):
+            session = edgesparse.ort_session(onnx_path, threads=threads)
+            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 8])

@@ -217,22 +217,22 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
 // neurons (gate, up: fills h), then the output columns (down).
 Tensor& actsparse_gated_mlp_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& gate, const Tensor& bundle,
                                 const std::optional<Tensor>& gate_bias, const std::optional<Tensor>& up_bias,
-                                const std::optional<Tensor>& down_bias, double threshold, int64_t activation,
-                                Tensor& out) {
+                                const std::optional<Tensor>& down_bias, const std::optional<Tensor>& thresholds,
+                                double threshold, int64_t activation, Tensor& out) {
   const bool ok = x.scalar_type() == ScalarType::Float && gate.scalar_type() == ScalarType::Float &&
                   bundle.scalar_type() == ScalarType::Float && gate.dim() == 2 && bundle.dim() == 2 &&
                   bundle.size(0) == gate.size(0) && bundle.size(1) > gate.size(1) && x.dim() >= 1 &&
                   x.size(x.dim() - 1) == gate.size(1) && optional_float(gate_bias, gate.size(0)) &&
                   optional_float(up_bias, gate.size(0)) && optional_float(down_bias, bundle.size(1) - gate.size(1)) &&
-                  (activation == ES_ACT_SILU || activation == ES_ACT_RELU);
+                  optional_float(thresholds, gate.size(0)) && (activation == ES_ACT_SILU || activation == ES_ACT_RELU);
   if (!ok) {
-    fail(ctx, "actsparse_gated_mlp", "float x [..., in], gate [hidden, in], bundle [hidden, in + out], biases, activation 0/1 expected");
+    fail(ctx, "actsparse_gated_mlp", "float x [..., in], gate [hidden, in], bundle [hidden, in + out], biases, thresholds [hidden], activation 0/1 expected");
     return out;
   }
   const size_t in = static_cast<size_t>(gate.size(1)), hidden = static_cast<size_t>(gate.size(0));
   const es_gated_mlp_f32 w{in, hidden, static_cast<size_t>(bundle.size(1)) - in, gate.const_data_ptr<float>(),
                            bundle.const_data_ptr<float>(), data_or_null(gate_bias), data_or_null(up_bias),
-                           data_or_null(down_bias), static_cast<int>(activation)};
+                           data_or_null(down_bias), static_cast<int>(activation), data_or_null(thresholds)};
   if (!resize_last_dim(ctx, x, static_cast<int64_t>(w.out), out)) return out;
   const size_t rows = static_cast<size_t>(x.numel()) / in;
   thread_local std::vector<float> h;  // grows to the largest call seen, then is reused

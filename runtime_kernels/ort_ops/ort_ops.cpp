@@ -248,7 +248,7 @@ OrtStatus* actsparse_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
 
 OrtStatus* gated_mlp_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
   View x, gate, bundle;
-  const float *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr;
+  const float *gate_bias = nullptr, *up_bias = nullptr, *down_bias = nullptr, *thresholds = nullptr;
   float* y = nullptr;
   ES_ORT_TRY(input(ctx, 0, &x));
   ES_ORT_TRY(input(ctx, 1, &gate));
@@ -260,10 +260,11 @@ OrtStatus* gated_mlp_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
   ES_ORT_TRY(optional_bias(ctx, 3, hidden, &gate_bias));
   ES_ORT_TRY(optional_bias(ctx, 4, hidden, &up_bias));
   ES_ORT_TRY(optional_bias(ctx, 5, outs, &down_bias));
+  ES_ORT_TRY(optional_bias(ctx, 6, hidden, &thresholds));  // per-neuron thresholds (CHESS)
   ES_ORT_TRY(prepare(ctx, x, false, in, outs, &y));
   const es_gated_mlp_f32 w{static_cast<size_t>(in), static_cast<size_t>(hidden), static_cast<size_t>(outs),
                            static_cast<const float*>(gate.data), static_cast<const float*>(bundle.data),
-                           gate_bias, up_bias, down_bias, static_cast<int>(k.activation)};
+                           gate_bias, up_bias, down_bias, static_cast<int>(k.activation), thresholds};
   const size_t rows = static_cast<size_t>(x.numel() / in);
   std::vector<float> h(rows * w.hidden);
   const float* xp = static_cast<const float*>(x.data);
@@ -287,8 +288,8 @@ struct OpDef {  // standard layout, `op` first: ORT hands back &op and def() rec
   OrtCustomOp op;
   const char* name;
   size_t input_count;
-  ONNXTensorElementDataType inputs[6];
-  size_t optional_from;  // inputs at and after this index are optional (bias)
+  ONNXTensorElementDataType inputs[7];
+  size_t optional_from;  // inputs at and after this index are optional (biases, thresholds)
 };
 
 const OpDef& def(const OrtCustomOp* op) { return *reinterpret_cast<const OpDef*>(op); }
@@ -385,8 +386,8 @@ OpDef g_ops[] = {
     {make_op(create_nm, compute_nm, destroy_nm), "NmLinear", 4, {ORT_FLOAT, ORT_FLOAT, ORT_UINT8, ORT_FLOAT}, 3},
     {make_op(create_nm, compute_nm, destroy_nm), "NmConv1x1", 4, {ORT_FLOAT, ORT_FLOAT, ORT_UINT8, ORT_FLOAT}, 3},
     {make_op(create_actsparse, compute_actsparse, destroy_actsparse), "ActSparseLinear", 3, {ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 2},
-    {make_op(create_actsparse, compute_gated_mlp, destroy_actsparse), "ActSparseGatedMLP", 6,
-     {ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 3},
+    {make_op(create_actsparse, compute_gated_mlp, destroy_actsparse), "ActSparseGatedMLP", 7,
+     {ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 3},
 };
 
 }  // namespace

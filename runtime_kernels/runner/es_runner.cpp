@@ -5,8 +5,8 @@
 //   edgesparse_runner model.pte [--runs N] [--warmup W] [--min-seconds S] [--input x.f32] [--output y.f32]
 //
 // Timed runs continue until there are at least N of them and S seconds have passed.
-// --input: raw little-endian float32 for input 0 (else every input is filled with a fixed
-// pattern); --output: write output 0 as raw float32. Exit code 2 on any error, with the reason
+// --input: raw little-endian float32 for input 0 (else every float input is filled with a fixed
+// pattern, every int64 input, such as an LM's token id and cache position, with zeros); --output: write output 0 as raw float32. Exit code 2 on any error, with the reason
 // in the JSON's "error" field.
 #include <executorch/extension/data_loader/file_data_loader.h>
 #include <executorch/extension/tensor/tensor.h>
@@ -88,13 +88,20 @@ int main(int argc, char** argv) {
   const double load_ms = ms_since(t_load);
 
   std::vector<std::vector<float>> data(meta->num_inputs());
+  std::vector<std::vector<int64_t>> ids(meta->num_inputs());
   std::vector<executorch::extension::TensorPtr> inputs;
   for (size_t i = 0; i < meta->num_inputs(); ++i) {
     auto info = meta->input_tensor_meta(i);
-    if (!info.ok() || info->scalar_type() != executorch::aten::ScalarType::Float) return fail("only float inputs are supported");
+    if (!info.ok()) return fail("cannot read the input's metadata");
     std::vector<executorch::aten::SizesType> sizes(info->sizes().begin(), info->sizes().end());
     size_t count = 1;
     for (auto s : sizes) count *= static_cast<size_t>(s);
+    if (info->scalar_type() == executorch::aten::ScalarType::Long) {  // token ids, cache positions: 0
+      ids[i].assign(count, 0);
+      inputs.push_back(executorch::extension::make_tensor_ptr(sizes, ids[i].data(), executorch::aten::ScalarType::Long));
+      continue;
+    }
+    if (info->scalar_type() != executorch::aten::ScalarType::Float) return fail("only float and int64 inputs are supported");
     data[i].resize(count);
     for (size_t k = 0; k < count; ++k) data[i][k] = static_cast<float>((k * 7919) % 101) / 101.0f - 0.5f;
     if (i == 0 && input_path) {

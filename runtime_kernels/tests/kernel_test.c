@@ -251,15 +251,17 @@ static void nm_tests(int* passed, int* failed) {
 }
 
 /* gated MLP (CATS): SiLU and ReLU gates, with and without biases, thresholds from none to all
- * neurons dead, phases split as threads would split them. Thresholds are nudged away from every
- * |act(gate)| so float and double agree on which neurons live. */
+ * neurons dead, one for all neurons or one per neuron (CHESS), phases split as threads would split
+ * them. Thresholds are nudged away from every |act(gate)| so float and double agree on which
+ * neurons live. */
 static void gated_tests(int* passed, int* failed) {
   const size_t shapes[][4] = {{64, 48, 40, 1}, {67, 130, 33, 3}, {1, 1, 1, 1}, {130, 600, 17, 2}, {256, 300, 256, 1}};
   const float thresholds[] = {-1.0f, 0.0f, 0.1f, 0.4f, 100.0f};
   for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
     for (int act = 0; act < 2; act++)
       for (int with_bias = 0; with_bias < 2; with_bias++)
-        for (size_t t = 0; t < sizeof(thresholds) / sizeof(thresholds[0]); t++) {
+        for (size_t t = 0; t < 2 * sizeof(thresholds) / sizeof(thresholds[0]); t++) {
+          const int per_neuron = t >= sizeof(thresholds) / sizeof(thresholds[0]);
           size_t in = shapes[s][0], hidden = shapes[s][1], out = shapes[s][2], n = shapes[s][3];
           float* gate = malloc(hidden * in * sizeof(float));
           float* bundle = malloc(hidden * (in + out) * sizeof(float));
@@ -279,18 +281,30 @@ static void gated_tests(int* passed, int* failed) {
               for (size_t c = 0; c < in; c++) g += (double)gate[i * in + c] * x[r * in + c];
               a[r * hidden + i] = act == ES_ACT_RELU ? (g > 0 ? g : 0) : g / (1.0 + exp(-g));
             }
-          float th = thresholds[t];
-          for (int moved = 1; moved;) { /* keep the threshold clear of every |a| */
+          float th = thresholds[t % (sizeof(thresholds) / sizeof(thresholds[0]))];
+          float* tv = malloc(hidden * sizeof(float)); /* per neuron: th, th + 0.1, th + 0.2, ... */
+          for (size_t i = 0; i < hidden; i++) tv[i] = per_neuron ? th + 0.1f * (float)(i % 3) : th;
+          for (size_t i = 0; i < hidden; i++)
+            for (int moved = 1; moved;) { /* keep each threshold clear of its neuron's |a| */
+              moved = 0;
+              for (size_t r = 0; r < n && !moved; r++)
+                if (fabs(fabs(a[r * hidden + i]) - tv[i]) < 1e-3) { tv[i] += 2e-3f; moved = 1; }
+            }
+          if (!per_neuron) /* one scalar: the largest nudge keeps it clear of every neuron */
+            for (size_t i = 0; i < hidden; i++) th = tv[i] > th ? tv[i] : th;
+          for (int moved = 1; !per_neuron && moved;) {
             moved = 0;
             for (size_t i = 0; i < n * hidden && !moved; i++)
               if (fabs(fabs(a[i]) - th) < 1e-3) { th += 2e-3f; moved = 1; }
           }
+          if (!per_neuron)
+            for (size_t i = 0; i < hidden; i++) tv[i] = th;
           double* want = malloc(n * out * sizeof(double));
           for (size_t r = 0; r < n; r++)
             for (size_t o = 0; o < out; o++) {
               double acc = with_bias ? db[o] : 0.0;
               for (size_t i = 0; i < hidden; i++) {
-                if (!(fabs(a[r * hidden + i]) > th)) continue;
+                if (!(fabs(a[r * hidden + i]) > tv[i])) continue;
                 double u = with_bias ? ub[i] : 0.0;
                 for (size_t c = 0; c < in; c++) u += (double)bundle[i * (in + out) + c] * x[r * in + c];
                 acc += a[r * hidden + i] * u * bundle[i * (in + out) + in + o];
@@ -298,13 +312,13 @@ static void gated_tests(int* passed, int* failed) {
               want[r * out + o] = acc;
             }
           es_gated_mlp_f32 w = {in, hidden, out, gate, bundle, with_bias ? gb : NULL, with_bias ? ub : NULL,
-                                with_bias ? db : NULL, act};
+                                with_bias ? db : NULL, act, per_neuron ? tv : NULL};
           float* h = malloc(n * hidden * sizeof(float));
           float* y = malloc(n * out * sizeof(float));
           for (size_t isa = 0; isa < NISAS; isa++) {
             if (es_force_isa(ISAS[isa]) != 0) continue;
             char what[160];
-            snprintf(what, sizeof what, "%s gated in=%zu hidden=%zu out=%zu n=%zu act=%d bias=%d threshold=%.3f", ISAS[isa], in, hidden, out, n, act, with_bias, th);
+            snprintf(what, sizeof what, "%s gated in=%zu hidden=%zu out=%zu n=%zu act=%d bias=%d threshold=%.3f%s", ISAS[isa], in, hidden, out, n, act, with_bias, th, per_neuron ? " per-neuron" : "");
             es_f32_gated_mlp(&w, th, n, x, h, y);
             close_enough(y, want, n * out, what) ? (*passed)++ : (*failed)++;
             memset(h, 0xff, n * hidden * sizeof(float));
@@ -317,7 +331,7 @@ static void gated_tests(int* passed, int* failed) {
             close_enough(y, want, n * out, what) ? (*passed)++ : (*failed)++;
           }
           es_force_isa(NULL);
-          free(gate); free(bundle); free(gb); free(ub); free(db); free(x); free(a); free(want); free(h); free(y);
+          free(gate); free(bundle); free(gb); free(ub); free(db); free(x); free(a); free(want); free(h); free(y); free(tv);
         }
 }
 

@@ -93,7 +93,7 @@ void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, si
 
 /* Activation-sparse gated MLP (CATS on LLaMA-style SwiGLU), with gate/up/down bundled per neuron:
  *   a = act(gate x + gate_bias)       dense: the gate decides which neurons live
- *   h_i = |a_i| > threshold ? a_i * (up_i x + up_bias_i) : 0
+ *   h_i = |a_i| > threshold_i ? a_i * (up_i x + up_bias_i) : 0   (threshold_i: thresholds[i] or the scalar)
  *   y = down h + down_bias            only the live neurons' columns are read
  * bundle row i = [up row i (in floats) | down column i (out floats)], so a live neuron's up and
  * down weights are one contiguous stream and a dead one costs nothing past its gate row.
@@ -109,6 +109,7 @@ typedef struct {
   const float* up_bias;    /* [hidden] or NULL */
   const float* down_bias;  /* [out] or NULL */
   int act;                 /* ES_ACT_SILU or ES_ACT_RELU */
+  const float* thresholds; /* [hidden] one threshold per neuron (CHESS), or NULL: the scalar one */
 } es_gated_mlp_f32;
 
 void es_f32_gated_mlp_hidden(const es_gated_mlp_f32* w, float threshold, size_t n, const float* x, float* h,

@@ -25,6 +25,6 @@ void es_f32_gated_mlp_hidden__scalar(const es_gated_mlp_f32* w, float threshold,
         u += w->bundle[i * (w->in + w->out) + c] * x[row * w->in + c];
       }
       const float a = w->act == ES_ACT_RELU ? (g > 0.0f ? g : 0.0f) : g / (1.0f + expf(-g));
-      h[row * w->hidden + i] = fabsf(a) > threshold ? a * u : 0.0f;
+      h[row * w->hidden + i] = fabsf(a) > (w->thresholds ? w->thresholds[i] : threshold) ? a * u : 0.0f;
     }
 }
