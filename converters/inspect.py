@@ -97,15 +97,17 @@ def inspect_artifact(path: str | Path, target: str | None = None) -> dict:
 
 
 def _verdict(layers: list[Layer], target: str, runtime: str, blocker: str) -> dict:
-    pruned = [layer for layer in layers if layer.sparsity >= PRUNED]
+    # pruned weights, or activation-sparse layers (dense weights, skipped at run time)
+    pruned = [layer for layer in layers if layer.sparsity >= PRUNED or layer.pattern == "activation"]
     fast = [layer for layer in pruned if layer.sparse]
     fixes = list(dict.fromkeys(layer.fix for layer in pruned if not layer.sparse and layer.fix))
+    kind = "sparse" if any(layer.pattern == "activation" for layer in pruned) else "pruned"
     if not pruned:
         verdict = f"no pruned layers: nothing can run sparse ({runtime}, {target})"
     elif len(fast) == len(pruned):
-        verdict = f"yes: all {len(pruned)} pruned layers run sparse on {target} ({runtime})"
+        verdict = f"yes: all {len(pruned)} {kind} layers run sparse on {target} ({runtime})"
     else:
-        verdict = f"{'partly' if fast else 'no'}: {len(fast)} of {len(pruned)} pruned layers run sparse on {target} ({runtime})"
+        verdict = f"{'partly' if fast else 'no'}: {len(fast)} of {len(pruned)} {kind} layers run sparse on {target} ({runtime})"
         if blocker:
             verdict += f"; {blocker}"
     return {"verdict": verdict, "sparse_layers": len(fast), "pruned_layers": len(pruned), "fix": fixes[0] if fixes else ""}
@@ -175,8 +177,8 @@ def _edgesparse_op(operator: str, args: list, buffers, index: int) -> Layer:
         pattern, dtype = f"block:{rows}x1", "int8"
     else:  # activation-sparse ops: dense weights, sparse activations
         weight = get(1).t()
-        return Layer(f"{op}#{index}", operator, list(weight.shape), dtype, stored, 0.0, None, True,
-                     f"{operator}: activation-sparse kernel (skips the rows of zero activations)")
+        return Layer(f"{op}#{index}", operator, list(weight.shape), dtype, stored, 0.0, "activation", True,
+                     f"{operator}: activation-sparse kernel (skips the weights of activations below its threshold)")
     sparsity = float((weight == 0).float().mean())
     return Layer(f"{op}#{index}", operator, list(weight.shape), dtype, stored, sparsity, pattern, True, f"{operator} (edgesparse kernel)")
 
@@ -327,8 +329,8 @@ def _onnx_edgesparse(node, name: str, arrays: dict, stored: dict) -> Layer:
         weight, pattern = unpack_nm(tensor(1), tensor(2), n, m, inp, out), f"nm:{n}:{m}"
     else:
         weight = tensor(1).t()
-        return Layer(name, op, list(weight.shape), "float32", size, 0.0, None, True,
-                     f"{op}: activation-sparse kernel (skips the rows of zero activations)")
+        return Layer(name, op, list(weight.shape), "float32", size, 0.0, "activation", True,
+                     f"{op}: activation-sparse kernel (skips the weights of activations below its threshold)")
     sparsity = float((weight == 0).float().mean())
     return Layer(name, op, list(weight.shape), "float32", size, sparsity, pattern, True,
                  f"{op} (edgesparse ONNX Runtime op library)")

@@ -40,12 +40,29 @@ def to_onnx(model: nn.Module, example_inputs: tuple):
         # it logs a warning per missing optional package (torchvision) on every export
         logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         try:
-            proto = torch.onnx.export(model, tuple(example_inputs), dynamo=True, external_data=False, verbose=False).model_proto
+            source = model
+            if getattr(model, "export_strict", False):  # it lowers only from dynamo's strict capture
+                source = _capture_for_onnx(model, example_inputs)
+            proto = torch.onnx.export(source, tuple(example_inputs), dynamo=True, external_data=False, verbose=False).model_proto
         except Exception as exc:
             raise EdgesparseError(f"torch.onnx could not export the model: {first_line(exc)}") from None
     for node in proto.graph.node:
         del node.metadata_props[:]
     return proto
+
+
+def _capture_for_onnx(model: nn.Module, example_inputs: tuple):
+    """For modules that capture only with dynamo (strict): capture, then turn the graph back into
+    a module whose edgesparse op calls emit their ai.edgesparse nodes, for torch.onnx to trace."""
+    from edgesparse.quantize import capture
+    from edgesparse.runtime_kernels.modules import onnx_emitter
+
+    module = capture(model, example_inputs).module()
+    for node in module.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("edgesparse."):
+            node.target = onnx_emitter(node.target, tuple(node.meta["val"].shape))
+    module.recompile()
+    return module
 
 
 def export_onnx(job: ExportJob, dest: str | Path) -> dict:

@@ -13,11 +13,11 @@ from edgesparse.compress import CompressResult, compress  # noqa: E402
 from edgesparse.errors import EdgesparseError  # noqa: E402
 from edgesparse.models import ModelBundle, load_model  # noqa: E402
 from edgesparse.pipeline import export_model  # noqa: E402
-from edgesparse.recipe import LayerRule, Pattern, PruneConfig, QuantConfig, Recipe, Schedule  # noqa: E402
+from edgesparse.recipe import ActSparsityConfig, LayerRule, Pattern, PruneConfig, QuantConfig, Recipe, Schedule  # noqa: E402
 from edgesparse.runtime_kernels import ort_session  # noqa: E402
 
 __all__ = [
-    "CompressResult", "EdgesparseError", "LayerRule", "ModelBundle", "Pattern", "PruneConfig", "QuantConfig",
+    "ActSparsityConfig", "CompressResult", "EdgesparseError", "LayerRule", "ModelBundle", "Pattern", "PruneConfig", "QuantConfig",
     "Recipe", "Schedule", "compress", "export_model", "load_model",
     "ort_session",
 ]

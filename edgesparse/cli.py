@@ -33,6 +33,9 @@ def export(
     fmt: str = typer.Option("pte", "--format", help="comma-separated formats: pte, onnx, tflite (tflite needs the [tflite] extra)"),
     onnx_sparse_storage: bool = typer.Option(False, "--onnx-sparse-storage", help="store mostly-zero ONNX initializers as sparse tensors (smaller file; ONNX Runtime densifies them at load)"),
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="gradual pruning over N fine-tune steps (built-in demos; 0 = one-shot)"),
+    act_sparsity: Optional[float] = typer.Option(None, "--act-sparsity", help="activation sparsity target in [0, 1), e.g. 0.5 (LMs with gated MLPs)"),
+    act_method: Optional[str] = typer.Option(None, "--act-method", help="cats (default) | chess | teal"),
+    act_finetune_steps: Optional[int] = typer.Option(None, "--act-finetune-steps", help="recovery fine-tune steps with the thresholds in place (0 = none)"),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="output folder"),
 ):
     """Compress MODEL and write verified artifacts plus manifest.json to the output folder."""
@@ -43,7 +46,7 @@ def export(
     base = Recipe.load(recipe) if recipe else None
     if base is None and finetune_steps is None and model.startswith("demo:"):
         finetune_steps = 300 if (prune or 0) > 0 or (pattern or "").startswith("nm") else 0
-    resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps)
+    resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps, act_sparsity, act_method, act_finetune_steps)
     record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage)
     print_export_summary(record, output)
     if not all(a["verified"] for a in record["artifacts"]):
@@ -55,7 +58,11 @@ def print_export_summary(record: dict, output: Path) -> None:
     for col in ("layer", "shape", "pattern", "sparsity", "dtype"):
         table.add_column(col, no_wrap=True, min_width=len(col))
     table.add_column("runs on / why dense", overflow="fold", ratio=1)
-    for layer in record["layers"]:
+    layers = record["layers"]
+    if len(layers) > 40:  # a large model: list the pruned layers only
+        layers = [layer for layer in layers if layer["pattern"]]
+        table.caption = f"{len(layers)} pruned of {len(record['layers'])} layers (all in manifest.json)"
+    for layer in layers:
         shape = "x".join(map(str, layer.get("shape_after") or layer["shape"]))
         if layer.get("shape_after") and layer["shape_after"] != layer["shape"]:
             shape += f" (was {layer['shape'][0]})"
@@ -65,6 +72,11 @@ def print_export_summary(record: dict, output: Path) -> None:
     metrics = record["metrics"]
     if "accuracy_dense" in metrics:
         out.print(f"accuracy: dense {metrics['accuracy_dense']:.2%} -> compressed {metrics['accuracy_compressed']:.2%}")
+    if "perplexity_dense" in metrics:
+        out.print(f"perplexity: dense {metrics['perplexity_dense']:.2f} -> compressed {metrics['perplexity_compressed']:.2f}")
+    if act := record.get("act_sparsity"):
+        out.print(f"activation sparsity: {act['method']} target {act['target']:.0%}, measured {act['measured_sparsity']['mean']:.1%} "
+                  f"on the calibration text, {act['kernel_layers']} layers on edgesparse kernels")
     for a in record["artifacts"]:
         err = f"cosine {a['cosine']:.6f}" if record["quantization"]["mode"] != "none" else f"max abs err {a['max_abs_error']:.2e}"
         acc = f", accuracy {a['accuracy']:.2%}" if "accuracy" in a else ""
@@ -264,6 +276,39 @@ def bench_kernels_cmd(
         from edgesparse.bench import to_markdown
 
         write_bytes_atomic(markdown_out, to_markdown(rows).encode())
+        out.print(f"wrote {markdown_out}")
+
+
+@bench_app.command("actsparse")
+def bench_actsparse_cmd(
+    methods: str = typer.Option("cats,chess,teal", "--methods", help="comma-separated: cats, chess, teal"),
+    targets: str = typer.Option("0.3,0.5,0.7", "--targets", help="activation-sparsity targets"),
+    finetune_steps: int = typer.Option(0, "--finetune-steps", help="also measure each cell after a recovery fine-tune of N steps"),
+    latency_targets: str = typer.Option("0.5", "--latency-targets", help="targets whose decode latency is measured (each exports two .pte files; empty: none)"),
+    rounds: int = typer.Option(5, "--rounds", help="interleaved timing rounds"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON here"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the table as markdown here"),
+):
+    """CATS / CHESS / TEAL on SmolLM2-135M: held-out perplexity vs dense, and decode ms/token on our kernels vs dense."""
+    from edgesparse import runtime_kernels
+    from edgesparse._io import write_bytes_atomic, write_json_atomic
+    from edgesparse.bench_actsparse import bench_actsparse, to_markdown
+    from edgesparse.devices.sweep import parse_grid
+    from edgesparse.recipe import ActSparsityConfig
+
+    method_list = parse_grid(methods, str)
+    for method in method_list:
+        ActSparsityConfig(method=method)  # one-line error for an unknown method
+    lat = parse_grid(latency_targets, float) if latency_targets.strip() else []
+    if lat and not runtime_kernels.available():
+        raise EdgesparseError("the sparse kernels are not built", hint="run `make kernels`")
+    rows = bench_actsparse(method_list, parse_grid(targets, float), finetune_steps, lat, rounds=rounds)
+    out.print(to_markdown(rows))
+    if json_out:
+        write_json_atomic(json_out, rows)
+        out.print(f"wrote {json_out}")
+    if markdown_out:
+        write_bytes_atomic(markdown_out, (to_markdown(rows) + "\n").encode())
         out.print(f"wrote {markdown_out}")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from edgesparse import _progress, manifest as manifest_mod
+from edgesparse import _progress, actsparse, manifest as manifest_mod
 from edgesparse._io import staging_dir, write_json_atomic
 from edgesparse.compress import compress
 from edgesparse.converters.executorch import export_pte, load_method, run_pte
@@ -50,37 +50,55 @@ def export_model(
     model = set_training(copy.deepcopy(bundle.model), False)
     started = time.perf_counter()
     metrics = {}
+    metric = bundle.metric
     if bundle.evaluate:
-        metrics["accuracy_dense"] = bundle.evaluate(_eager(set_training(bundle.model, False)))
+        metrics[f"{metric}_dense"] = bundle.evaluate(_eager(set_training(bundle.model, False)))
     hook = bundle.finetune() if finetune and bundle.finetune and recipe.prune.schedule.steps else None
     result = compress(
         model, recipe, example_inputs=bundle.example_inputs,
         calib=bundle.calib() if bundle.calib else None, finetune=hook,
     )
+    act_record = None
+    if recipe.act_sparsity.active:
+        act_record = actsparse.sparsify(result.model, bundle, recipe.act_sparsity, finetune=finetune)
     if bundle.evaluate:
         # the quantized graph is specialized to the example batch size: score it row by row
         predict = _eager(result.model)
-        metrics["accuracy_compressed"] = bundle.evaluate(_rowwise(predict) if _batch_one(bundle) else predict)
+        rowwise = _batch_one(bundle) and not bundle.export_wrapper
+        metrics[f"{metric}_compressed"] = bundle.evaluate(_rowwise(predict) if rowwise else predict)
     if bundle.notes:
         metrics["eval_set"] = "; ".join(bundle.notes)
     pruned = copy.deepcopy(result.pruned)  # the swap below may work in place
     export_model_ = result.model
-    if runtime_kernels.register_with_exporter() and recipe.quant.mode == "none" and has_kernels("float32"):
+    kernels = runtime_kernels.register_with_exporter() and has_kernels("float32")
+    if kernels and recipe.quant.mode == "none" and not recipe.act_sparsity.active:
         export_model_ = fold_batchnorm(result.model)
     swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs)
+    if act_record is not None:
+        pruned = copy.deepcopy(export_model_)  # thresholded torch layers; the export model gets the ops
+        act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
+        swapped += act_record["kernel_layers"]
     layers = [plan.to_dict() for plan in result.layers]
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
-    record["example_input_shapes"] = [list(t.shape) for t in bundle.example_inputs]
+    if act_record is not None:
+        record["act_sparsity"] = act_record
+    example_inputs, samples = bundle.example_inputs, bundle.verification_inputs()
+    if bundle.export_wrapper:  # e.g. an LM: one decode step with a static KV cache
+        export_model_, example_inputs, samples = bundle.export_wrapper(export_model_)
+        pruned = bundle.export_wrapper(pruned)[0]
+    record["example_input_shapes"] = [list(t.shape) for t in example_inputs]
     if swapped:
+        kernel_names = {plan.kernel for plan in result.layers if plan.kernel != "dense-xnnpack"}
+        kernel_names |= {name for name in (act_record or {}).get("kernels", [])}
         record["runtime_ops"] = {"library": runtime_kernels.ET_LIBRARY.name, "onnx_library": runtime_kernels.ORT_LIBRARY.name,
-                                 "kernels": sorted({plan.kernel for plan in result.layers if plan.kernel != "dense-xnnpack"})}
-    job = ExportJob(export_model_, pruned, bundle.example_inputs, bundle.verification_inputs(), recipe.quant.mode,
+                                 "kernels": sorted(kernel_names)}
+    job = ExportJob(export_model_, pruned, example_inputs, samples, recipe.quant.mode,
                     calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage)
     with staging_dir(out_dir) as stage:
         for fmt in formats:
             entry = FORMATS[fmt](job, stage / f"model.{fmt}")
-            if bundle.evaluate and _batch_one(bundle):  # score the artifact itself, in its runtime
-                entry["accuracy"] = bundle.evaluate(_rowwise(_artifact_predictor(fmt, stage / entry["path"])))
+            if bundle.evaluate and _batch_one(bundle) and not bundle.export_wrapper:  # score the artifact itself
+                entry[metric] = bundle.evaluate(_rowwise(_artifact_predictor(fmt, stage / entry["path"])))
             record["artifacts"].append(entry)
         record["export_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(stage / "manifest.json", manifest_mod.validate(record))
@@ -125,7 +143,9 @@ def _rowwise(predict):
     return lambda x: torch.cat([predict(x[i : i + 1]) for i in range(len(x))])
 
 
-def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str | None, quant: str | None, steps: int | None) -> Recipe:
+def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str | None, quant: str | None, steps: int | None,
+                        act_sparsity: float | None = None, act_method: str | None = None,
+                        act_finetune_steps: int | None = None) -> Recipe:
     """CLI flags override the recipe file's values."""
     import dataclasses
 
@@ -143,4 +163,6 @@ def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str |
     if steps is not None:
         prune_cfg = dataclasses.replace(prune_cfg, schedule=dataclasses.replace(prune_cfg.schedule, steps=steps))
     quant_cfg = dataclasses.replace(recipe.quant, mode=quant) if quant is not None else recipe.quant
-    return Recipe(prune=prune_cfg, quant=quant_cfg)
+    act = {k: v for k, v in (("target", act_sparsity), ("method", act_method), ("finetune_steps", act_finetune_steps)) if v is not None}
+    act_cfg = dataclasses.replace(recipe.act_sparsity, **act) if act else recipe.act_sparsity
+    return Recipe(prune=prune_cfg, quant=quant_cfg, act_sparsity=act_cfg)

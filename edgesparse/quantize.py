@@ -28,7 +28,9 @@ def capture(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedPro
     try:
         # on failure torch.export prints the partial graph to stderr; our one-line error says enough
         with contextlib.redirect_stderr(io.StringIO()):
-            return torch.export.export(model, tuple(example_inputs))
+            # a module can ask for dynamo's strict capture (transformers' static-cache decode step
+            # lowers only from a strict export)
+            return torch.export.export(model, tuple(example_inputs), strict=getattr(model, "export_strict", False))
     except Exception as exc:
         first = first_line(exc)
         raise EdgesparseError(

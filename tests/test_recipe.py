@@ -131,3 +131,16 @@ def test_recipe_file_missing_or_wrong_extension(tmp_path):
     other.write_text("x")
     with pytest.raises(EdgesparseError, match="extension"):
         Recipe.load(other)
+
+
+def test_act_sparsity_section_round_trips_and_is_checked(tmp_path):
+    from edgesparse.recipe import ActSparsityConfig
+
+    path = tmp_path / "r.toml"
+    path.write_text('[act_sparsity]\nmethod = "chess"\ntarget = 0.5\ncalib_tokens = 2048\nfinetune_steps = 100\n')
+    recipe = Recipe.load(path)
+    assert recipe.act_sparsity == ActSparsityConfig(method="chess", target=0.5, calib_tokens=2048, finetune_steps=100)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    path.write_text('[act_sparsity]\nthreshold = 0.1\n')
+    with pytest.raises(EdgesparseError, match="unknown key"):
+        Recipe.load(path)

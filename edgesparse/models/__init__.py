@@ -21,8 +21,11 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 class ModelBundle:
     """A model plus what compression and verification need around it.
 
-    evaluate(predict) -> accuracy on held-out data, where predict maps an input batch to logits;
-    calib() yields input tuples for int8 calibration; finetune() makes a fresh one-step hook.
+    evaluate(predict) -> the held-out `metric` (accuracy for classifiers, perplexity for LMs),
+    where predict maps an input batch to the model's output; calib() yields input tuples for
+    calibration; finetune() makes a fresh one-step hook. export_wrapper(model) -> (module,
+    example_inputs, verification_inputs) says what to export when it is not the model's own
+    forward (an LM exports one decode step with a static KV cache).
     """
 
     name: str
@@ -33,6 +36,8 @@ class ModelBundle:
     finetune: Callable[[], Callable[[nn.Module, int], float | None]] | None = None
     sample_inputs: list[tuple] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    metric: str = "accuracy"
+    export_wrapper: Callable[[nn.Module], tuple[nn.Module, tuple, list[tuple]]] | None = None
 
     def verification_inputs(self) -> list[tuple]:
         return self.sample_inputs or [self.example_inputs]
@@ -41,6 +46,7 @@ class ModelBundle:
 DEMOS = {
     "digits-cnn": "edgesparse.models.digits:bundle",
     "mobilenetv2": "edgesparse.models.mobilenetv2:bundle",
+    "smollm2-135m": "edgesparse.models.smollm2:bundle",
 }
 
 
