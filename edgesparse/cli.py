@@ -36,12 +36,19 @@ def export(
     act_sparsity: Optional[float] = typer.Option(None, "--act-sparsity", help="activation sparsity target in [0, 1), e.g. 0.5 (LMs with gated MLPs)"),
     act_method: Optional[str] = typer.Option(None, "--act-method", help="cats (default) | chess | teal"),
     act_finetune_steps: Optional[int] = typer.Option(None, "--act-finetune-steps", help="recovery fine-tune steps with the thresholds in place (0 = none)"),
+    moe_offload: bool = typer.Option(False, "--moe-offload", help="MoE models: export the backbone plus one memory-mappable blob per expert, for the on-demand expert runtime"),
+    expert_budget: float = typer.Option(0.25, "--expert-budget", help="with --moe-offload: the runtime's default fraction of expert bytes kept resident"),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="output folder"),
 ):
     """Compress MODEL and write verified artifacts plus manifest.json to the output folder."""
     from edgesparse.pipeline import export_model, parse_formats, recipe_from_options
     from edgesparse.recipe import Recipe
 
+    if moe_offload:
+        if recipe or prune is not None or pattern or act_sparsity is not None or fmt != "pte" or onnx_sparse_storage:
+            raise EdgesparseError("--moe-offload takes only --expert-budget and --quant none|int8 (the experts' dtype)")
+        export_moe(model, expert_budget, quant or "none", output)
+        return
     formats = parse_formats(fmt)  # fail on a bad format before loading anything
     base = Recipe.load(recipe) if recipe else None
     if base is None and finetune_steps is None and model.startswith("demo:"):
@@ -51,6 +58,24 @@ def export(
     print_export_summary(record, output)
     if not all(a["verified"] for a in record["artifacts"]):
         raise EdgesparseError("an artifact failed verification against torch (see manifest.json)")
+
+
+def export_moe(model: str, budget: float, quant: str, output: Path) -> None:
+    from edgesparse.converters.moe_offload import export_moe_offload
+    from edgesparse.models import load_model
+
+    dtypes = {"none": "fp32", "int8": "int8"}
+    if quant not in dtypes:
+        raise EdgesparseError(f"--moe-offload stores experts as fp32 (--quant none) or int8, not {quant!r}")
+    if not 0 < budget <= 1:
+        raise EdgesparseError(f"--expert-budget must be a fraction in (0, 1], got {budget}")
+    manifest = export_moe_offload(load_model(model), output, expert_budget=budget, dtype=dtypes[quant])
+    total = manifest["expert_bytes_total"]
+    experts = sum(len(row) for row in manifest["experts"])
+    out.print(f"{output}: backbone {manifest['backbone_bytes'] / 2**20:.2f} MiB + {experts} expert blobs "
+              f"({total / 2**20:.2f} MiB, {manifest['dtype']}); default budget {manifest['budget']:.0%} "
+              f"({manifest['budget_bytes'] / 2**20:.2f} MiB resident); verified against torch in the numpy runtime")
+    out.print(f"manifest: {output / 'moe.json'}; run it with `edgesparse profile {output}`")
 
 
 def print_export_summary(record: dict, output: Path) -> None:
@@ -128,26 +153,44 @@ def profile(
     mode: str = typer.Option("quick", "--mode", help="quick (>= 50 runs and >= 1 s), report (>= 1024 runs and >= 60 s) or runs (exactly --runs)"),
     cpus: Optional[str] = typer.Option(None, "--cpus", help="pin the runner to these CPUs, e.g. 4,5,6,7 (big cores)"),
     per_op: bool = typer.Option(False, "--per-op", help="then per-operator times (ETDump for .pte, ORT profiling for .onnx; local)"),
+    policy: str = typer.Option("predictive", "--policy", help="MoE exports: expert cache policy lru | lfu | predictive"),
+    expert_budget: Optional[float] = typer.Option(None, "--expert-budget", help="MoE exports: resident fraction of expert bytes (default: the export's)"),
+    tokens: int = typer.Option(256, "--tokens", help="MoE exports: tokens to decode (times are per token)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the full result as JSON here"),
 ):
-    """Time ARTIFACT on a device: load, first run, steady-state percentiles, peak memory."""
+    """Time ARTIFACT on a device: load, first run, steady-state percentiles, peak memory.
+    A MoE offload export (its folder or moe.json) decodes --tokens tokens in the expert runtime."""
     from edgesparse._io import write_json_atomic
     from edgesparse.devices import profile as run_profile
     from edgesparse.devices.sweep import parse_grid
 
-    options = {"runtime": runtime} if runtime else {}
-    if cpus:
-        options["cpus"] = parse_grid(cpus, int)
-    if per_op:
-        options["per_op"] = True
-    result = run_profile(artifact, device, mode=None if mode == "runs" else mode, runs=runs, warmup=warmup,
-                         threads=threads, **options)
+    if artifact.name == "moe.json" or (artifact / "moe.json").is_file():
+        if device != "local":
+            raise EdgesparseError("MoE exports profile here only; on a board copy devices/moe_runtime.py and the export, "
+                                  "then run `python3 moe_runtime.py EXPORT --json`")
+        from edgesparse.devices.moe_bench import profile_moe
+
+        result = profile_moe(artifact, policy=policy, budget=expert_budget, tokens=tokens)
+        artifact = Path(result["artifact"])
+        device = f"local, {policy} cache at {result['budget']:.0%} of expert bytes"
+
+    else:
+        options = {"runtime": runtime} if runtime else {}
+        if cpus:
+            options["cpus"] = parse_grid(cpus, int)
+        if per_op:
+            options["per_op"] = True
+        result = run_profile(artifact, device, mode=None if mode == "runs" else mode, runs=runs, warmup=warmup,
+                             threads=threads, **options)
     table = Table(title=f"{artifact.name} on {device}, {result['runtime']} ({result['threads']} thread(s), {result['count']} runs)")
     for col in ("load ms", "first ms", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "std ms", "peak RSS MB"):
         table.add_column(col, justify="right")
     table.add_row(*(f"{result[k]:.3f}" for k in ("load_ms", "first_run_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "std_ms")),
                   f"{result['peak_rss_mb']:.1f}")
     out.print(table)
+    if "hit_rate" in result:  # a MoE export
+        out.print(f"{result['tokens_per_s']:.0f} tokens/s; expert cache hit rate {result['hit_rate']:.1%}, peak cache "
+                  f"{result['cache_peak_bytes'] / 2**20:.2f} of {result['budget_bytes'] / 2**20:.2f} MiB budget")
     if result.get("timing_note"):
         out.print(f"[bold yellow]{result['timing_note']}[/]: {result['device']} runs under qemu; use it to check that the model runs")
     if result.get("per_op"):
@@ -310,6 +353,31 @@ def bench_actsparse_cmd(
     if markdown_out:
         write_bytes_atomic(markdown_out, (to_markdown(rows) + "\n").encode())
         out.print(f"wrote {markdown_out}")
+
+
+@bench_app.command("moe")
+def bench_moe_cmd(
+    source: str = typer.Argument("demo:tiny-moe", help="a MoE export folder, or a model spec to export first"),
+    budgets: str = typer.Option("1,0.5,0.25,0.125", "--budgets", help="resident fractions of expert bytes (1 = all resident)"),
+    policies: str = typer.Option("lru,lfu,predictive", "--policies"),
+    tokens: int = typer.Option(256, "--tokens", help="tokens decoded per cell"),
+    repeats: int = typer.Option(1, "--repeats", help="runs per cell, cells interleaved; rows keep the median tokens/s"),
+    dtype: str = typer.Option("fp32", "--dtype", help="expert dtype when SOURCE is exported first: fp32 | int8"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON here"),
+):
+    """Expert offloading: peak RSS, tokens/s, hit rate, prefetch precision/recall per (policy, budget),
+    each in a fresh process with the page cache dropped where the OS allows."""
+    from edgesparse._io import write_json_atomic
+    from edgesparse.devices.moe_bench import bench_moe, format_table, goals
+    from edgesparse.devices.sweep import parse_grid
+
+    rows = bench_moe(source, parse_grid(budgets, float), parse_grid(policies, str), tokens, dtype=dtype, repeats=repeats)
+    out.print(format_table(rows))
+    verdict = goals(rows)
+    out.print(" ".join(f"{k}: {v}" for k, v in verdict.items()))
+    if json_out:
+        write_json_atomic(json_out, rows)
+        out.print(f"wrote {json_out}")
 
 
 @bench_app.command("runner")

@@ -192,3 +192,26 @@ def test_inspect_errors_are_one_line(tmp_path, capsys, monkeypatch):
     for path, needle in ((tmp_path / "missing.tflite", "no such file"), (truncated, "corrupt"), (tmp_path / "x.txt", "expected a .pte")):
         code, _, err = run_cli(["inspect", path], capsys, monkeypatch)
         assert_user_error(code, err, needle)
+
+
+def test_moe_offload_export_profile_and_bench(tmp_path):
+    """MoE acceptance from the CLI: export demo:tiny-moe with experts offloaded at a 25% budget,
+    profile it (latency and peak memory), and bench a small grid into JSON rows."""
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "edgesparse.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    cli("export", "demo:tiny-moe", "--moe-offload", "--expert-budget", "0.25", "-o", tmp_path / "moe")
+    manifest = json.loads((tmp_path / "moe" / "moe.json").read_text())
+    assert manifest["budget"] == 0.25 and manifest["verification"]
+    cli("profile", tmp_path / "moe", "--tokens", "48", "--json", tmp_path / "p.json")
+    prof = json.loads((tmp_path / "p.json").read_text())
+    assert prof["count"] == 48 and prof["p50_ms"] > 0 and prof["peak_rss_mb"] > 0
+    assert prof["cache_peak_bytes"] <= prof["budget_bytes"]
+    cli("bench", "moe", tmp_path / "moe", "--budgets", "1,0.25", "--policies", "lru,predictive", "--tokens", "32",
+        "--json", tmp_path / "b.json")
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert {(r["policy"], r["budget"]) for r in rows} == {("lru", 1.0), ("lru", 0.25), ("predictive", 1.0), ("predictive", 0.25)}
+    for row in rows:
+        assert {"policy", "budget", "peak_rss_mb", "tokens_per_s", "hit_rate"} <= set(row) and row["tokens_per_s"] > 0

@@ -47,6 +47,7 @@ DEMOS = {
     "digits-cnn": "edgesparse.models.digits:bundle",
     "mobilenetv2": "edgesparse.models.mobilenetv2:bundle",
     "smollm2-135m": "edgesparse.models.smollm2:bundle",
+    "tiny-moe": "edgesparse.models.tiny_moe:bundle",
 }
 
 
