@@ -12,8 +12,8 @@ import torch
 from edgesparse import _progress, actsparse, manifest as manifest_mod
 from edgesparse._io import staging_dir, write_json_atomic
 from edgesparse.compress import compress
-from edgesparse.converters.executorch import export_pte, load_method, run_pte
 from edgesparse.converters import ExportJob
+from edgesparse.converters.executorch import export_pte, load_method, run_pte
 from edgesparse.converters.onnx import export_onnx
 from edgesparse.converters.tflite import export_tflite, interpreter, run_tflite
 from edgesparse import runtime_kernels
@@ -60,6 +60,8 @@ def export_model(
     )
     act_record = None
     if recipe.act_sparsity.active:
+        if recipe.quant.mode != "none":
+            raise EdgesparseError("activation sparsity runs on fp32 kernels: use --quant none with --act-sparsity")
         act_record = actsparse.sparsify(result.model, bundle, recipe.act_sparsity, finetune=finetune)
     if bundle.evaluate:
         # the quantized graph is specialized to the example batch size: score it row by row
@@ -74,8 +76,7 @@ def export_model(
     if kernels and recipe.quant.mode == "none" and not recipe.act_sparsity.active:
         export_model_ = fold_batchnorm(result.model)
     swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs)
-    if act_record is not None:
-        pruned = copy.deepcopy(export_model_)  # thresholded torch layers; the export model gets the ops
+    if act_record is not None:  # `pruned` keeps the thresholded torch layers; the export model gets the ops
         act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
         swapped += act_record["kernel_layers"]
     layers = [plan.to_dict() for plan in result.layers]
