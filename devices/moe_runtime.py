@@ -727,6 +727,8 @@ class MoERuntime:
 
 
 def _status_mb(key: str) -> float | None:
+    """A /proc/self/status size in MB (this file runs alone on boards, like device_bench.py, so it
+    carries its own copy of this reader)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
