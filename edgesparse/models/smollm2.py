@@ -151,7 +151,7 @@ def make_finetune(tokenizer, length: int = 128, lr: float = 2e-5):
             state["opt"].zero_grad()
             loss.backward()
             state["opt"].step()
-            return float(loss)
+            return loss.item()
 
         return step
 
