@@ -72,10 +72,11 @@ def pack(model) -> bytes:
 
 
 def op_name(model, op) -> str:
-    s = _schema()
     code = model.operatorCodes[op.opcodeIndex]
     value = max(code.builtinCode, code.deprecatedBuiltinCode)
-    return _BUILTIN_NAMES.setdefault(value, next((k for k, v in vars(s.BuiltinOperator).items() if v == value), f"OP_{value}"))
+    if not _BUILTIN_NAMES:
+        _BUILTIN_NAMES.update({v: k for k, v in vars(_schema().BuiltinOperator).items() if not k.startswith("_")})
+    return _BUILTIN_NAMES.get(value, f"OP_{value}")
 
 
 _BUILTIN_NAMES: dict[int, str] = {}
@@ -315,7 +316,7 @@ def rewrite_same_depthwise(model) -> int:
         if not any(before or after for before, after in pads):
             operators.append(op)
             continue
-        padded_shape = [1 if x.shape[0] < 1 else int(x.shape[0]), height + sum(pads[1]), width + sum(pads[2]), channels]
+        padded_shape = [max(1, int(x.shape[0])), height + sum(pads[1]), width + sum(pads[2]), channels]
         pad_index, _ = _add_tensor(model, graph, [4, 2], s.TensorType.INT32, (x.name or b"x") + b"/pads", np.asarray(pads, np.int32))
         padded, _ = _add_tensor(model, graph, padded_shape, x.type, (x.name or b"x") + b"/padded")
         pad = s.OperatorT()
