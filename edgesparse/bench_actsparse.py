@@ -57,9 +57,9 @@ def bench_actsparse(methods=("cats", "chess", "teal"), targets=(0.3, 0.5, 0.7), 
                 if target in latency_targets:
                     if dense_pte is None:
                         dense_pte = _decode_pte(model, tokenizer, folder / "dense.pte", kernels=False)
-                        dense_mlp = _mlp_pte(model, tokenizer, heldout, folder / "dense-mlp.pte", kernels=False)
+                        dense_mlp = _mlp_pte(model, heldout, folder / "dense-mlp.pte", kernels=False)
                     row.update(_latency(dense_pte, _decode_pte(sparse, tokenizer, folder / "sparse.pte", kernels=True), rounds, runs))
-                    row.update(_mlp_latency(dense_mlp, _mlp_pte(sparse, tokenizer, heldout, folder / "sparse-mlp.pte", kernels=True),
+                    row.update(_mlp_latency(dense_mlp, _mlp_pte(sparse, heldout, folder / "sparse-mlp.pte", kernels=True),
                                             rounds, runs * 20))
                 rows.append(row)
                 if finetune_steps:
@@ -96,7 +96,7 @@ def _decode_pte(model, tokenizer, path: Path, kernels: bool) -> Path:
     return path
 
 
-def _mlp_pte(model, tokenizer, heldout, path: Path, kernels: bool) -> tuple[Path, Path]:
+def _mlp_pte(model, heldout, path: Path, kernels: bool) -> tuple[Path, Path]:
     """One mid layer's MLP as a .pte, and a real token's hidden state (the MLP's input) to feed it."""
     from edgesparse.converters.executorch import lower
 
