@@ -60,12 +60,6 @@ def export_pte(job: ExportJob, dest: str | Path) -> dict:
 
 def verify_pte(path: Path, model: nn.Module, sample_inputs: list[tuple], quantized: bool) -> dict:
     method = load_method(path)
-    with torch.no_grad():
-        reference = [model(*inputs) for inputs in sample_inputs]
-    actual = [run_pte(method, inputs) for inputs in sample_inputs]
-    metrics = verify.compare(reference, actual)
-    scale = max(float(r.abs().max()) for r in reference)
-    entry = {"verified": verify.passes(metrics, quantized, scale), "samples": len(sample_inputs)}
-    entry.update(metrics)
-    entry["tolerance"] = verify.tolerance(quantized, scale)
-    return entry
+    reference = verify.reference(model, sample_inputs)
+    entry = verify.check(reference, [run_pte(method, inputs) for inputs in sample_inputs], quantized)
+    return entry | {"samples": len(sample_inputs)}

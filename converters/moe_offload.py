@@ -255,13 +255,13 @@ def export_moe_offload(model_or_bundle, out_dir, expert_budget: float = 0.25, dt
     verified in the numpy runtime against torch, atomically (staging folder, then moved).
     Returns the manifest. `expert_budget` is the runtime's default fraction of expert bytes
     resident; `calib_text` (default: a training play) drives the routing statistics."""
+    from edgesparse.devices.moe_runtime import check_budget
     from edgesparse.models import tiny_moe
 
     model, name = _resolve(model_or_bundle)
     if dtype not in DTYPES:
         raise EdgesparseError(f"unknown expert dtype {dtype!r} (available: {', '.join(DTYPES)})")
-    if isinstance(expert_budget, bool) or not isinstance(expert_budget, (int, float)) or not 0 < expert_budget <= 1:
-        raise EdgesparseError(f"--expert-budget must be a fraction in (0, 1], got {expert_budget!r}")
+    check_budget(expert_budget)
     model.eval()
     layers = moe_layers(model)
     cfg = model.config
@@ -322,7 +322,7 @@ def _verify(model: nn.Module, stage: Path, dtype: str, ids: torch.Tensor, prompt
     calibration bytes with every expert resident (fp32 within 1e-4 x the logit scale; int8
     cosine >= 0.999), the same at the export's budget with prediction on (identical bit for bit),
     and greedy tokens from the sample prompt (fp32: identical)."""
-    from edgesparse.converters.verify import compare, passes, tolerance
+    from edgesparse.converters.verify import check
     from edgesparse.devices.moe_runtime import MoERuntime
     from edgesparse.models.tiny_moe import encode, generate
 
@@ -333,8 +333,7 @@ def _verify(model: nn.Module, stage: Path, dtype: str, ids: torch.Tensor, prompt
         with MoERuntime(stage, policy=policy, budget=b) as rt:
             runs.append(np.stack([rt.step(int(t)) for t in probe]))
     quantized = dtype == "int8"
-    scale = float(reference.abs().max())
-    metrics = compare([reference], [torch.from_numpy(runs[0])])
+    metrics = check([reference], [torch.from_numpy(runs[0])], quantized)
     identical = bool(np.array_equal(runs[0], runs[1]))
     targets = probe[1:]
     bits = lambda logits: float(torch.nn.functional.cross_entropy(logits[:-1], targets)) / math.log(2)  # noqa: E731
@@ -343,14 +342,14 @@ def _verify(model: nn.Module, stage: Path, dtype: str, ids: torch.Tensor, prompt
     with MoERuntime(stage, policy="lru", budget=1.0) as rt:
         got = rt.generate(prompt_ids.tolist(), tokens)[0]
     mismatch = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
-    ok = passes(metrics, quantized, scale) and identical and (quantized or mismatch is None)
-    result = {**metrics, "tolerance": tolerance(quantized, scale), "teacher_forced_bytes": len(probe),
+    ok = metrics["verified"] and identical and (quantized or mismatch is None)
+    result = {**metrics, "teacher_forced_bytes": len(probe),
               "bits_per_byte_torch": round(bits(reference), 4), "bits_per_byte_runtime": round(bits(torch.from_numpy(runs[0])), 4),
               "offloaded_identical_to_resident": identical, "greedy_tokens": tokens,
               "greedy_first_mismatch": mismatch, "verified": ok}
     if not ok:
         why = ("offloaded logits differ from all-resident ones" if not identical else
-               f"greedy tokens diverge from torch at token {mismatch}" if passes(metrics, quantized, scale) else
+               f"greedy tokens diverge from torch at token {mismatch}" if metrics["verified"] else
                f"logits differ from torch (max abs error {metrics['max_abs_error']:.3g}, cosine {metrics['cosine']:.6f})")
         raise EdgesparseError(f"the offloaded model does not match torch: {why}",
                               hint="a custom MoE module must follow the interface: top-k experts by router logit, "

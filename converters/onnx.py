@@ -147,13 +147,7 @@ def verify_onnx(path: Path, model: nn.Module, sample_inputs: list[tuple], quanti
 
     session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
-    with torch.no_grad():
-        reference = [model(*inputs) for inputs in sample_inputs]
+    reference = verify.reference(model, sample_inputs)
     actual = [torch.from_numpy(np.asarray(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]))
               for inputs in sample_inputs]
-    metrics = verify.compare(reference, actual)
-    scale = max(float(r.abs().max()) for r in reference)
-    entry = {"verified": verify.passes(metrics, quantized, scale), "samples": len(sample_inputs), "runtime": "onnxruntime"}
-    entry.update(metrics)
-    entry["tolerance"] = verify.tolerance(quantized, scale)
-    return entry
+    return verify.check(reference, actual, quantized) | {"samples": len(sample_inputs), "runtime": "onnxruntime"}

@@ -433,19 +433,11 @@ def run_tflite(runner, inputs: tuple) -> torch.Tensor:
 
 def verify_tflite(path: Path, model: nn.Module, sample_inputs: list[tuple], quantized: bool) -> dict:
     """Both with the default XNNPACK delegate and with the builtin kernels; the worse one counts."""
-    with torch.no_grad():
-        reference = [model(*inputs) for inputs in sample_inputs]
-    scale = max(float(r.abs().max()) for r in reference)
-    entry = {"samples": len(sample_inputs), "runtime": "ai-edge-litert (XNNPACK on and off)"}
-    worst = None
-    for xnnpack in (True, False):
+    reference = verify.reference(model, sample_inputs)
+    runs = {}
+    for name, xnnpack in (("xnnpack", True), ("builtin", False)):
         runner = interpreter(path, xnnpack)
-        metrics = verify.compare(reference, [run_tflite(runner, inputs) for inputs in sample_inputs])
-        metrics["verified"] = verify.passes(metrics, quantized, scale)
-        entry["xnnpack" if xnnpack else "builtin"] = metrics
-        if worst is None or metrics["max_abs_error"] > worst["max_abs_error"]:
-            worst = metrics
-    entry.update(worst)
-    entry["verified"] = entry["xnnpack"]["verified"] and entry["builtin"]["verified"]
-    entry["tolerance"] = verify.tolerance(quantized, scale)
-    return entry
+        runs[name] = verify.check(reference, [run_tflite(runner, inputs) for inputs in sample_inputs], quantized)
+    worst = max(runs.values(), key=lambda run: run["max_abs_error"])
+    return worst | runs | {"verified": all(run["verified"] for run in runs.values()), "samples": len(sample_inputs),
+                           "runtime": "ai-edge-litert (XNNPACK on and off)"}

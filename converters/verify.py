@@ -34,3 +34,17 @@ def tolerance(quantized: bool, output_scale: float) -> dict:
     if quantized:
         return {"min_cosine": QUANT_MIN_COSINE, "max_relative_error": QUANT_MAX_RELATIVE}
     return {"max_abs_error": FP32_ATOL * max(1.0, output_scale)}
+
+
+def reference(model, sample_inputs: list[tuple]) -> list[torch.Tensor]:
+    """Eager torch's outputs on the verification inputs."""
+    with torch.no_grad():
+        return [model(*inputs) for inputs in sample_inputs]
+
+
+def check(reference_outputs: list[torch.Tensor], actual: list[torch.Tensor], quantized: bool) -> dict:
+    """An artifact's outputs against torch's: the metrics, whether they pass, and the tolerance
+    used (scaled by the largest reference output)."""
+    metrics = compare(reference_outputs, actual)
+    scale = max(float(r.abs().max()) for r in reference_outputs)
+    return {"verified": passes(metrics, quantized, scale), **metrics, "tolerance": tolerance(quantized, scale)}

@@ -1,28 +1,27 @@
 """Measuring the offloaded MoE runtime (devices/moe_runtime.py) here: `bench_moe` decodes at each
 (policy, expert budget) in a fresh process with the export's page cache dropped first, and
-`profile_moe` gives one such run in the shape of `edgesparse profile` results.
-
-    python -m edgesparse.devices.moe_bench out/moe --tokens 256 --json out/bench-moe.json
+`profile_moe` gives one such run in the shape of `edgesparse profile` results
+(`edgesparse bench moe` and `edgesparse profile out/moe` call them).
 """
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import hashlib
 import json
 import mmap
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from edgesparse.devices.local import parse_runner_output
+from edgesparse.devices.moe_runtime import IO_MODES, POLICIES, check_budget
 from edgesparse.errors import EdgesparseError
 
 BUDGETS = (1.0, 0.5, 0.25, 0.125)
-POLICIES = ("lru", "lfu", "predictive")
 RUNTIME = Path(__file__).with_name("moe_runtime.py")
 
 
@@ -158,14 +157,9 @@ def bench_moe(source, budgets=BUDGETS, policies=POLICIES, tokens: int = 256, pro
     Rows: policy, budget, peak_rss_mb, tokens_per_s, hit_rate, prefetch_precision,
     prefetch_recall, ... (budget 1 = all experts resident). With repeats > 1 each cell runs that
     many times, cells interleaved, and the row keeps the median tokens/s (and the runs)."""
-    for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-            raise EdgesparseError(f"budgets must be fractions in (0, 1], got {b!r}")
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown:
-        raise EdgesparseError(f"unknown cache policy {unknown[0]!r} (available: {', '.join(POLICIES)})")
-    if io not in ("read", "mmap"):
-        raise EdgesparseError(f"unknown expert io {io!r} (available: read, mmap)")
+    _check_cells(policies, budgets)
+    if io not in IO_MODES:
+        raise EdgesparseError(f"unknown expert io {io!r} (available: {', '.join(IO_MODES)})")
     if tokens < 1 or repeats < 1:
         raise EdgesparseError("tokens and repeats must be >= 1")
     with tempfile.TemporaryDirectory(prefix="edgesparse-moe-") as work:
@@ -187,10 +181,13 @@ def bench_moe(source, budgets=BUDGETS, policies=POLICIES, tokens: int = 256, pro
     return rows
 
 
-def _median(values: list[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+def _check_cells(policies, budgets) -> None:
+    """Fail here, before any child process starts, on a policy or budget the runtime refuses."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise EdgesparseError(f"unknown cache policy {unknown[0]!r} (available: {', '.join(POLICIES)})")
+    for budget in budgets:
+        check_budget(budget)
 
 
 def _row(policy: str, budget: float, results: list[dict], manifest: dict, reference) -> dict:
@@ -199,16 +196,14 @@ def _row(policy: str, budget: float, results: list[dict], manifest: dict, refere
     times = sorted(t for r in results for t in r["times_ms"])
     return {
         "policy": policy, "budget": budget, "dtype": manifest.get("dtype"),
-        "peak_rss_mb": round(_median([r["peak_rss_mb"] for r in results]), 2),
-        "rss_before_load_mb": round(_median([r["rss_before_load_mb"] for r in results]), 2),
-        "model_rss_mb": round(_median([r["peak_rss_mb"] - r["rss_before_load_mb"] for r in results]), 2),
-        "tokens_per_s": round(_median(tps), 1), "tokens_per_s_runs": [round(t, 1) for t in tps],
+        "peak_rss_mb": round(statistics.median([r["peak_rss_mb"] for r in results]), 2),
+        "rss_before_load_mb": round(statistics.median([r["rss_before_load_mb"] for r in results]), 2),
+        "model_rss_mb": round(statistics.median([r["peak_rss_mb"] - r["rss_before_load_mb"] for r in results]), 2),
+        "tokens_per_s": round(statistics.median(tps), 1), "tokens_per_s_runs": [round(t, 1) for t in tps],
         "p50_ms": round(times[len(times) // 2], 4), "tokens": mid["tokens"],
         "hit_rate": round(mid["hit_rate"], 4), "ready_hit_rate": round(mid["ready_hit_rate"], 4),
-        "prefetch_precision": None if mid["prefetch_precision"] is None else round(mid["prefetch_precision"], 4),
-        "prefetch_recall": None if mid["prefetch_recall"] is None else round(mid["prefetch_recall"], 4),
-        "predictor_precision": None if mid["predictor_precision"] is None else round(mid["predictor_precision"], 4),
-        "predictor_recall": None if mid["predictor_recall"] is None else round(mid["predictor_recall"], 4),
+        **{k: None if mid[k] is None else round(mid[k], 4)
+           for k in ("prefetch_precision", "prefetch_recall", "predictor_precision", "predictor_recall")},
         "budget_bytes": mid["budget_bytes"], "expert_bytes_total": mid["expert_bytes_total"],
         "cache_peak_bytes": max(r["cache_peak_bytes"] for r in results),
         "backbone_bytes": manifest.get("backbone_bytes"),
@@ -269,10 +264,7 @@ def profile_moe(path, policy: str = "predictive", budget: float | None = None, t
     manifest = json.loads((export / "moe.json").read_text())
     if budget is None:
         budget = manifest.get("budget", 1.0)
-    if policy not in POLICIES:
-        raise EdgesparseError(f"unknown cache policy {policy!r} (available: {', '.join(POLICIES)})")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise EdgesparseError(f"expert budget must be a fraction in (0, 1], got {budget!r}")
+    _check_cells([policy], [budget])
     files = export_files(export, manifest)
     before = Local().info()
     cache = drop_page_cache(files) if drop_cache else {"method": "not requested", "note": None, "resident_after": None}
@@ -295,40 +287,3 @@ def profile_moe(path, policy: str = "predictive", budget: float | None = None, t
                             "the expert cache (mapped expert pages count while mapped); rss_before_load_mb is "
                             "the level after importing numpy, before the model was loaded"))
     return out
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Benchmark the offloaded MoE runtime per (policy, expert budget).")
-    ap.add_argument("source", help="an export folder / moe.json, or a model spec such as demo:tiny-moe")
-    ap.add_argument("--budgets", default="1,0.5,0.25,0.125")
-    ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "int8"))
-    ap.add_argument("--prompt", default=None, help="prompt text (default: the export's sample prompt)")
-    ap.add_argument("--io", default="read", choices=("read", "mmap"))
-    ap.add_argument("--drop-evicted", action="store_true")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
-    try:
-        budgets = [float(b) for b in args.budgets.split(",")]
-    except ValueError:
-        print(f"error: --budgets must be numbers, got {args.budgets!r}", file=sys.stderr)
-        return 2
-    try:
-        rows = bench_moe(args.source, budgets, args.policies.split(","), args.tokens, prompt=args.prompt, dtype=args.dtype,
-                         io=args.io, drop_evicted=args.drop_evicted, repeats=args.repeats)
-    except EdgesparseError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        from edgesparse._io import write_json_atomic
-
-        write_json_atomic(args.json, {"rows": rows, "goals": goals(rows)})
-    print(format_table(rows))
-    print(json.dumps(goals(rows), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -50,6 +50,12 @@ POLICIES = ("lru", "lfu", "predictive")
 IO_MODES = ("read", "mmap")
 
 
+def check_budget(budget) -> None:
+    """An expert budget is a fraction of the expert bytes in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise _error_type()(f"expert budget must be a fraction in (0, 1], got {budget!r}")
+
+
 def _error_type():
     """edgesparse's EdgesparseError when edgesparse is loaded (the CLI turns it into one line);
     on a board without edgesparse, a stand-in with the same (message, hint) shape."""
@@ -545,8 +551,7 @@ class MoERuntime:
                 _check_size(base / spec["file"], spec, f"expert blob (layer {layer}, expert {e})")
         total = manifest["expert_bytes_total"]
         budget = manifest.get("budget", 1.0) if budget is None else budget
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-            raise EdgesparseError(f"expert budget must be a fraction in (0, 1], got {budget!r}")
+        check_budget(budget)
         self.budget = float(budget)
         self.cache = ExpertCache(base, specs, self.budget, policy, io, drop_evicted)
         self.budget_bytes = self.cache.budget_bytes

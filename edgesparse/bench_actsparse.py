@@ -13,7 +13,6 @@ any gain is the domain, not recovery.
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import subprocess
 import tempfile
@@ -119,6 +118,7 @@ def _mlp_pte(model, heldout, path: Path, kernels: bool) -> tuple[Path, Path]:
 
 
 def _runner_ms(pte: Path, runs: int, x_path: Path | None = None) -> float:
+    from edgesparse.devices.local import parse_runner_output
     from edgesparse.runtime_kernels import RUNNER
 
     if not RUNNER.is_file():
@@ -127,30 +127,28 @@ def _runner_ms(pte: Path, runs: int, x_path: Path | None = None) -> float:
     if x_path is not None:
         argv += ["--input", str(x_path)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {"error": proc.stderr[-300:]}
-    if "error" in result:
-        raise EdgesparseError(f"the C++ runner failed on {pte.name}: {result['error']}")
-    return statistics.median(result["times_ms"])
+    return statistics.median(parse_runner_output(proc.stdout, proc.stderr, proc.returncode, pte.name, "in the C++ runner")["times_ms"])
+
+
+def _interleaved(dense: tuple, sparse: tuple, rounds: int, runs: int, label: str) -> tuple[float, float, float]:
+    """(ours ms, dense ms, dense / ours): medians over `rounds` alternating runner calls, each
+    (pte[, input file])."""
+    ours, base = [], []
+    with _progress.status(f"timing {label} (C++ runner, {rounds} interleaved rounds)"):
+        for _ in range(rounds):
+            base.append(_runner_ms(dense[0], runs, *dense[1:]))
+            ours.append(_runner_ms(sparse[0], runs, *sparse[1:]))
+    return statistics.median(ours), statistics.median(base), statistics.median(base) / statistics.median(ours)
 
 
 def _latency(dense: Path, sparse: Path, rounds: int, runs: int) -> dict:
-    ours, base = [], []
-    with _progress.status(f"timing decode steps (C++ runner, {rounds} interleaved rounds)"):
-        for _ in range(rounds):
-            base.append(_runner_ms(dense, runs))
-            ours.append(_runner_ms(sparse, runs))
-    return {"ms_per_token": statistics.median(ours), "ms_per_token_dense": statistics.median(base),
-            "speedup": statistics.median(base) / statistics.median(ours)}
+    ours, base, speedup = _interleaved((dense,), (sparse,), rounds, runs, "decode steps")
+    return {"ms_per_token": ours, "ms_per_token_dense": base, "speedup": speedup}
 
 
 def _mlp_latency(dense: tuple[Path, Path], sparse: tuple[Path, Path], rounds: int, runs: int) -> dict:
-    ours, base = [], []
-    with _progress.status(f"timing layer {MLP_LAYER}'s MLP block"):
-        for _ in range(rounds):
-            base.append(_runner_ms(dense[0], runs, dense[1]))
-            ours.append(_runner_ms(sparse[0], runs, sparse[1]))
-    return {"mlp_ms": statistics.median(ours), "mlp_ms_dense": statistics.median(base),
-            "mlp_speedup": statistics.median(base) / statistics.median(ours)}
+    ours, base, speedup = _interleaved(dense, sparse, rounds, runs, f"layer {MLP_LAYER}'s MLP block")
+    return {"mlp_ms": ours, "mlp_ms_dense": base, "mlp_speedup": speedup}
 
 
 def to_markdown(rows: list[dict]) -> str:

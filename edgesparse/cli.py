@@ -67,8 +67,6 @@ def export_moe(model: str, budget: float, quant: str, output: Path) -> None:
     dtypes = {"none": "fp32", "int8": "int8"}
     if quant not in dtypes:
         raise EdgesparseError(f"--moe-offload stores experts as fp32 (--quant none) or int8, not {quant!r}")
-    if not 0 < budget <= 1:
-        raise EdgesparseError(f"--expert-budget must be a fraction in (0, 1], got {budget}")
     manifest = export_moe_offload(load_model(model), output, expert_budget=budget, dtype=dtypes[quant])
     total = manifest["expert_bytes_total"]
     experts = sum(len(row) for row in manifest["experts"])
@@ -363,6 +361,9 @@ def bench_moe_cmd(
     tokens: int = typer.Option(256, "--tokens", help="tokens decoded per cell"),
     repeats: int = typer.Option(1, "--repeats", help="runs per cell, cells interleaved; rows keep the median tokens/s"),
     dtype: str = typer.Option("fp32", "--dtype", help="expert dtype when SOURCE is exported first: fp32 | int8"),
+    io: str = typer.Option("read", "--io", help="how experts are loaded: read (pread into an arena) | mmap"),
+    drop_evicted: bool = typer.Option(False, "--drop-evicted", help="drop evicted experts from the page cache too (misses read from disk)"),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="prompt text (default: the export's sample prompt)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON here"),
 ):
     """Expert offloading: peak RSS, tokens/s, hit rate, prefetch precision/recall per (policy, budget),
@@ -371,7 +372,8 @@ def bench_moe_cmd(
     from edgesparse.devices.moe_bench import bench_moe, format_table, goals
     from edgesparse.devices.sweep import parse_grid
 
-    rows = bench_moe(source, parse_grid(budgets, float), parse_grid(policies, str), tokens, dtype=dtype, repeats=repeats)
+    rows = bench_moe(source, parse_grid(budgets, float), parse_grid(policies, str), tokens, prompt=prompt, dtype=dtype,
+                     io=io, drop_evicted=drop_evicted, repeats=repeats)
     out.print(format_table(rows))
     verdict = goals(rows)
     out.print(" ".join(f"{k}: {v}" for k, v in verdict.items()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from edgesparse import _progress, actsparse, manifest as manifest_mod
+from edgesparse import actsparse, manifest as manifest_mod
 from edgesparse._io import staging_dir, write_json_atomic
 from edgesparse.compress import compress
 from edgesparse.converters import ExportJob
