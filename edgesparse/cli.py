@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgesparse.errors import EdgesparseError
@@ -21,6 +22,14 @@ from edgesparse.errors import EdgesparseError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, quantize and export PyTorch models that run faster on edge devices.")
 out = Console()
+out_err = Console(stderr=True)
+_debug = False
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="on an error, print the full traceback too")):
+    global _debug
+    _debug = debug
 
 
 @app.command()
@@ -107,6 +116,8 @@ def print_export_summary(record: dict, output: Path) -> None:
         size = f" ({a['size_vs_dense']:.0%} of its dense export)" if "size_vs_dense" in a else ""
         out.print(f"{output / a['path']}: {a['bytes'] / 1024:.1f} KiB{size}, {err}{acc}, {status}")
     out.print(f"manifest: {output / 'manifest.json'}")
+    for warning in record.get("warnings", []):
+        out_err.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 @app.command()
@@ -437,6 +448,10 @@ def main() -> None:
     try:
         app(standalone_mode=True)
     except EdgesparseError as exc:
+        if _debug or os.environ.get("EDGESPARSE_DEBUG"):
+            import traceback
+
+            traceback.print_exception(exc.__cause__ or exc)
         print(f"edgesparse: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

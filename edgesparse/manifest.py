@@ -16,7 +16,8 @@ REQUIRED = {
     "schema_version": int, "model": str, "recipe": dict, "sparsity_overall": float, "quantization": dict,
     "layers": list, "metrics": dict, "artifacts": list,
 }
-LAYER_REQUIRED = {"name": str, "shape": list, "sparsity": float, "pattern": (str, type(None)), "dtype": str, "kernel": str}
+LAYER_REQUIRED = {"name": str, "shape": list, "sparsity": float, "pattern": (str, type(None)), "dtype": str, "kernel": str,
+                  "reason": str}
 ARTIFACT_REQUIRED = {"format": str, "path": str, "bytes": int, "sha256": str, "verified": bool}
 
 
@@ -49,6 +50,8 @@ def validate(manifest: dict) -> dict:
     _check(manifest, REQUIRED, "")
     for layer in manifest["layers"]:
         _check(layer, LAYER_REQUIRED, f"layer {layer.get('name')}")
+        if not layer["reason"].strip():
+            raise EdgesparseError(f"manifest layer {layer['name']}: no reason for its kernel choice")
     for artifact in manifest["artifacts"]:
         _check(artifact, ARTIFACT_REQUIRED, f"artifact {artifact.get('path')}")
         if not any(k in artifact for k in ("max_abs_error", "cosine")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,13 +75,16 @@ def export_model(
     export_model_ = result.model
     kernels = runtime_kernels.register_with_exporter() and has_kernels("float32")
     if kernels and recipe.quant.mode == "none" and not recipe.act_sparsity.active:
-        export_model_ = fold_batchnorm(result.model)
+        folds = fold_batchnorm(export_model_, bundle.example_inputs)
+        for plan in result.layers:
+            plan.batchnorm = folds.get(plan.name)
     swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs)
     if act_record is not None:  # `pruned` keeps the thresholded torch layers; the export model gets the ops
         act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
         swapped += act_record["kernel_layers"]
     layers = [plan.to_dict() for plan in result.layers]
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
+    record["warnings"] = _warnings(recipe, result.layers, swapped, kernels)
     if act_record is not None:
         record["act_sparsity"] = act_record
     example_inputs, samples = bundle.example_inputs, bundle.verification_inputs()
@@ -104,6 +108,26 @@ def export_model(
         record["export_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(stage / "manifest.json", manifest_mod.validate(record))
     return record
+
+
+def _warnings(recipe: Recipe, plans: list, swapped: int, kernels: bool) -> list[str]:
+    """One line each for a recipe that silently did nothing useful: pruning asked for but no layer
+    pruned, or layers pruned but none running sparse; with the reason and the fix."""
+    asked = recipe.prune.active and recipe.prune.parsed_pattern.kind != "channel"
+    pruned = [plan for plan in plans if plan.pattern and plan.pattern != "channel"]
+    if asked and not pruned:
+        reasons = Counter(plan.reason for plan in plans)
+        why = "; ".join(f"{n} layer{'s' if n > 1 else ''}: {reason}" for reason, n in reasons.most_common(3))
+        fix = ("set keep_first_last_dense = false under [prune] in a recipe (--recipe)"
+               if any("first/last" in plan.reason for plan in plans) else "check the recipe's exclude/override rules and the pattern")
+        return [f"the model was left unpruned ({why}); fix: {fix}"]
+    if asked and not swapped and recipe.quant.mode == "none" and not recipe.act_sparsity.active:
+        reasons = Counter(plan.reason for plan in pruned)
+        why = "; ".join(f"{n} layer{'s' if n > 1 else ''}: {reason}" for reason, n in reasons.most_common(2))
+        fix = ("run `make kernels`" if not kernels else
+               "prune further or to a pattern with a kernel (block:4x1, block:8x1, nm:2:4); see `edgesparse bench kernels`")
+        return [f"{len(pruned)} layers are pruned but none runs sparse, so the export is no faster than dense ({why}); fix: {fix}"]
+    return []
 
 
 def _calibration(bundle: ModelBundle, recipe: Recipe):

@@ -34,6 +34,8 @@ class LayerPlan:
     reason: str = ""
     shape_after: list[int] | None = None  # channel pruning only: the smaller dense shape
     activation_rows: int | None = None  # rows the layer sees per call (batch, or pixels for 1x1 conv)
+    computes: str | None = None  # "linear" / "conv1x1" when its forward is one on its own weight, else "other"
+    batchnorm: str | None = None  # convs: "folded <bn>" or why the following BatchNorm was not folded
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -212,7 +212,11 @@ def sparse_module(op: str, pattern: Pattern, weight2d: torch.Tensor, bias: torch
     return (SparseLinear if op == "linear" else SparseConv1x1)(weight2d, bias, *shape)
 
 
-def _op_of(module: nn.Module) -> str | None:
+def _op_of(module: nn.Module, plan) -> str | None:
+    """"linear" or "conv1x1" when our kernels compute what this layer does: judged by its
+    observed behaviour when export saw it run (plan.computes), else by its attributes."""
+    if plan.computes is not None:
+        return plan.computes if plan.computes in ("linear", "conv1x1") else None
     if isinstance(module, nn.Linear):
         return "linear"
     if (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
@@ -222,8 +226,10 @@ def _op_of(module: nn.Module) -> str | None:
 
 
 def swap_factory(module: nn.Module, plan) -> nn.Module | None:
-    op = _op_of(module)
+    op = _op_of(module, plan)
     if op is None:
+        plan.reason = ("dense XNNPACK: our kernels run Linear layers and stride-1 unpadded 1x1 convs"
+                       + (", and this layer's forward computes something else" if plan.computes == "other" else ""))
         return None
     weight = module.weight.reshape(module.weight.shape[0], -1)
     threshold, source = crossover.min_sparsity(op, plan.pattern, plan.activation_rows, weight.shape[1], weight.shape[0])

@@ -12,7 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from edgesparse.errors import EdgesparseError
+from edgesparse.errors import EdgesparseError, first_line
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,11 +95,15 @@ def _load_factory(path: Path, factory: str) -> ModelBundle:
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise EdgesparseError(f"could not import {path}: {type(exc).__name__}: {exc}") from None
+        raise EdgesparseError(f"could not import {path}: {type(exc).__name__}: {first_line(exc)}") from exc
     fn = getattr(module, factory, None)
     if not callable(fn):
         raise EdgesparseError(f"{path} has no function {factory!r}")
-    made = fn()
+    try:
+        made = fn()
+    except Exception as exc:  # the user's code: one line here, the traceback with --debug
+        raise EdgesparseError(f"{path}: {factory}() raised {type(exc).__name__}: {first_line(exc)}",
+                              hint="run `edgesparse --debug ...` for the traceback") from exc
     if isinstance(made, ModelBundle):
         return made
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
