@@ -3,7 +3,7 @@
     build()                 configure + build with CMake (make does this; tests call it if needed)
     available()             whether the ExecuTorch op library is built
     load_executorch_ops()   load it into this process's ExecuTorch runtime, exactly once
-    register_with_exporter() let `export` swap eligible layers for the edgesparse:: ops
+    register_with_exporter(register_kernel)  hand export's registry our layer factories
 """
 
 from __future__ import annotations
@@ -81,11 +81,13 @@ def ort_session(path, threads: int = 1, profile_prefix: str | None = None):
         raise EdgesparseError(f"ONNX Runtime could not load {Path(path).name}: {first}", hint=hint) from None
 
 
-def register_with_exporter() -> bool:
-    """Make export swap eligible fp32 layers for edgesparse:: ops (when the kernels are built)."""
+def register_with_exporter(register_kernel) -> bool:
+    """Register our layer factories with the exporter's `register_kernel(pattern_kind, dtype, name,
+    factory, builtin)` (converters.sparse_swap's), so export swaps eligible fp32 layers for
+    edgesparse:: ops. The registry is passed in: this room never imports the exporters."""
     if not available():
         return False
     from edgesparse.runtime_kernels.modules import register
 
-    register()
+    register(register_kernel)
     return True
