@@ -6,8 +6,8 @@
 //
 // --threads: the size of ExecuTorch's thread pool, which XNNPACK and our ops share (default: the
 // pool's own, one thread per core). The JSON's "threads" is the pool's size as read back after
-// setting it, and "thread_cpu_ms" the CPU time of each of the process's threads (most first), so a
-// caller can see how many of them did the work.
+// setting it, and "thread_cpu_ms" the CPU time each of the process's threads spent during the timed
+// runs (most first), so a caller can see how many of them did the work.
 // Timed runs continue until there are at least N of them and S seconds have passed.
 // --input: raw little-endian float32 for input 0 (else every float input is filled with a fixed
 // pattern, every int64 input, such as an LM's token id and cache position, with zeros); --output: write output 0 as raw float32. Exit code 2 on any error, with the reason
@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <memory>
 #include <string>
@@ -55,10 +56,10 @@ double peak_rss_mb() {
   return -1.0;
 }
 
-// CPU time of every thread of this process, in ms, most first: /proc/self/task/*/schedstat (ns on
-// the CPU), else utime + stime from .../stat (clock ticks).
-std::vector<double> thread_cpu_ms() {
-  std::vector<double> times;
+// CPU time of every thread of this process so far, in ms, by thread id: /proc/self/task/*/schedstat
+// (ns on the CPU), else utime + stime from .../stat (clock ticks).
+std::map<std::string, double> thread_cpu_ms() {
+  std::map<std::string, double> times;
   DIR* tasks = opendir("/proc/self/task");
   if (!tasks) return times;
   const double tick_ms = 1e3 / static_cast<double>(sysconf(_SC_CLK_TCK));
@@ -68,7 +69,7 @@ std::vector<double> thread_cpu_ms() {
     std::ifstream schedstat(dir + "/schedstat");
     double ns = 0;
     if (schedstat >> ns) {
-      times.push_back(ns / 1e6);
+      times[entry->d_name] = ns / 1e6;
       continue;
     }
     std::ifstream stat(dir + "/stat");
@@ -78,11 +79,21 @@ std::vector<double> thread_cpu_ms() {
     std::vector<std::string> fields;
     std::string field;
     for (std::istringstream rest(line.substr(line.rfind(')') + 2)); rest >> field;) fields.push_back(field);
-    if (fields.size() > 12) times.push_back((std::atof(fields[11].c_str()) + std::atof(fields[12].c_str())) * tick_ms);
+    if (fields.size() > 12) times[entry->d_name] = (std::atof(fields[11].c_str()) + std::atof(fields[12].c_str())) * tick_ms;
   }
   closedir(tasks);
-  std::sort(times.rbegin(), times.rend());
   return times;
+}
+
+// Each thread's CPU time since `before` (a thread_cpu_ms() snapshot), most first.
+std::vector<double> cpu_ms_since(const std::map<std::string, double>& before) {
+  std::vector<double> spent;
+  for (const auto& [tid, ms] : thread_cpu_ms()) {
+    const auto then = before.find(tid);
+    spent.push_back(ms - (then == before.end() ? 0.0 : then->second));
+  }
+  std::sort(spent.rbegin(), spent.rend());
+  return spent;
 }
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -177,19 +188,20 @@ int main(int argc, char** argv) {
   for (int r = 0; r < warmup; ++r) run_once();
   std::vector<double> times;
   times.reserve(runs > 0 ? runs : 0);
+  const auto cpu_before = thread_cpu_ms();
   const auto started = std::chrono::steady_clock::now();
   while (static_cast<int>(times.size()) < runs || ms_since(started) < min_seconds * 1e3) {
     t0 = std::chrono::steady_clock::now();
     if (!run_once()) return fail("execute failed");
     times.push_back(ms_since(t0));
   }
+  const std::vector<double> cpu = cpu_ms_since(cpu_before);
   auto out = method->get_output(0).toTensor();
   if (output_path) {
     std::ofstream f(output_path, std::ios::binary);
     f.write(reinterpret_cast<const char*>(out.const_data_ptr<float>()), static_cast<std::streamsize>(out.nbytes()));
   }
   std::printf("{\"runtime\": \"executorch-cpp\", \"threads\": %zu, \"thread_cpu_ms\": [", pool->get_thread_count());
-  const std::vector<double> cpu = thread_cpu_ms();
   for (size_t t = 0; t < cpu.size(); ++t) std::printf("%s%.3f", t ? ", " : "", cpu[t]);
   std::printf("], \"load_ms\": %.6f, \"first_run_ms\": %.6f, \"peak_rss_mb\": %.3f, \"times_ms\": [", load_ms,
               first_ms, peak_rss_mb());
