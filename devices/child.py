@@ -33,25 +33,36 @@ def _inputs(meta):
     return tensors
 
 
-def bench_pte(path: str, threads: int) -> tuple[str, float, object, list]:
+def set_pte_threads(threads: int) -> int:
+    """Size ExecuTorch's thread pool (XNNPACK's and our ops') and return its size as read back."""
     import torch
     from executorch.extension.pybindings import portable_lib
+
+    torch.set_num_threads(threads)
+    portable_lib._unsafe_reset_threadpool(threads)
+    used = int(portable_lib._threadpool_get_thread_count())
+    if used != threads:
+        raise RuntimeError(f"ExecuTorch's thread pool could not be set to {threads} threads (it has {used})")
+    return used
+
+
+def bench_pte(path: str, threads: int) -> tuple[str, float, object, list, int]:
     from executorch.runtime import Runtime
 
     from edgesparse.runtime_kernels import load_executorch_ops
 
     load_executorch_ops()
-    torch.set_num_threads(threads)
-    portable_lib._unsafe_reset_threadpool(threads)
+    used = set_pte_threads(threads)  # before loading: XNNPACK's delegate takes the pool at init
     t0 = time.perf_counter()
     program = Runtime.get().load_program(path)
     method = program.load_method("forward")
     load_ms = (time.perf_counter() - t0) * 1e3
     inputs = _inputs(program.metadata("forward"))
-    return "executorch-python", load_ms, lambda: method.execute(inputs), [list(t.shape) for t in inputs]
+    return "executorch-python", load_ms, lambda: method.execute(inputs), [list(t.shape) for t in inputs], used
 
 
-def bench_onnx(path: str, threads: int) -> tuple[str, float, object, list]:
+def bench_onnx(path: str, threads: int) -> tuple[str, float, object, list, int]:
+    from edgesparse.devices.device_bench import session_threads
     from edgesparse.runtime_kernels import ort_session
 
     t0 = time.perf_counter()
@@ -63,7 +74,7 @@ def bench_onnx(path: str, threads: int) -> tuple[str, float, object, list]:
         return session.run(None, feed)
 
     call.feed = feed  # the per-op pass reuses the same inputs
-    return "onnxruntime", load_ms, call, [list(v.shape) for v in feed.values()]
+    return "onnxruntime", load_ms, call, [list(v.shape) for v in feed.values()], session_threads(session)
 
 
 def per_op_pte(path: str, runs: int) -> list[dict]:
@@ -121,7 +132,7 @@ def per_op_onnx(path: str, runs: int, threads: int, feed: dict) -> list[dict]:
 
 def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float, per_op: bool = False) -> dict:
     rss_before = _status_mb("VmRSS")
-    runtime, load_ms, call, shapes = (bench_onnx if path.endswith(".onnx") else bench_pte)(path, threads)
+    runtime, load_ms, call, shapes, used = (bench_onnx if path.endswith(".onnx") else bench_pte)(path, threads)
     first_ms, times = time_calls(call, runs, warmup, min_seconds)
     extra = {}
     if per_op:
@@ -130,7 +141,7 @@ def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float, p
                            else per_op_pte(path, ops_runs))
     return {
         "runtime": runtime,
-        "threads": threads,
+        "threads": used,
         "load_ms": load_ms,
         "first_run_ms": first_ms,
         "times_ms": times,

@@ -42,6 +42,17 @@ def parse_runner_output(stdout: str, stderr: str, returncode: int, name: str, wh
     return result
 
 
+def check_threads(result: dict, threads: int, name: str, where: str) -> None:
+    """Every runner reports the thread count its runtime actually uses; a run at any other count
+    than the one asked for is an error, never a result."""
+    got = result.get("threads")
+    if got is None:
+        raise EdgesparseError(f"the runner for {name} {where} did not report its thread count",
+                              hint="rebuild it (`make kernels`, `make arm-runner`)")
+    if got != threads:
+        raise EdgesparseError(f"{name} {where} ran on {got} threads, not the {threads} asked for")
+
+
 def finish(result: dict, path: Path, state_before: dict, state_after: dict) -> dict:
     """Add the statistics, the artifact's identity and the device state around the run."""
     result.update(summarize(result.pop("times_ms")))
@@ -74,7 +85,8 @@ def _command(path: Path, runtime: str, runs: int, warmup: int, threads: int, min
 
         if not RUNNER.is_file():
             raise EdgesparseError("the C++ runner is not built", hint="run `make kernels`")
-        return [str(RUNNER), str(path), "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds)]
+        return [str(RUNNER), str(path), "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds),
+                "--threads", str(threads)]
     return [sys.executable, "-m", RUNNERS[path.suffix], str(path), "--runs", str(runs), "--warmup", str(warmup),
             "--threads", str(threads), "--min-seconds", str(min_seconds)] + (["--per-op"] if per_op else [])
 
@@ -99,5 +111,5 @@ def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threa
         raise EdgesparseError(f"cannot pin the runner to CPUs {cpus}: {exc}") from None
     where = "in ONNX Runtime" if path.suffix == ".onnx" else "in ExecuTorch"
     result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, where)
-    result.setdefault("threads", "runtime default" if runtime == "cpp" else threads)
+    check_threads(result, threads, path.name, where)
     return finish(result, path, before, Local().info())
