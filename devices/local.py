@@ -80,7 +80,7 @@ def check_artifact(artifact: str | Path, runs: int, warmup: int, threads: int, r
 
 
 def _command(path: Path, runtime: str, runs: int, warmup: int, threads: int, min_seconds: float, per_op: bool) -> list[str]:
-    if runtime == "cpp":  # the torch-free C++ runner (runtime_kernels/runner), its own thread pool
+    if runtime == "cpp":  # the torch-free C++ runner (runtime_kernels/runner), its pool sized by --threads
         from edgesparse.runtime_kernels import RUNNER
 
         if not RUNNER.is_file():
