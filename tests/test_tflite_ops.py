@@ -243,3 +243,15 @@ def test_cli_export_with_edgesparse_tflite_ops(tmp_path, capsys, monkeypatch):
     assert artifact["tflite_ops"] == "edgesparse" and len(artifact["edgesparse_ops"]) == len(swapped)
     names = op_names(out_dir / "model.tflite")
     assert sum(name.startswith("Edgesparse") for name in names) == len(swapped)
+
+
+def test_profile_runs_the_tflite_with_our_ops(block4x1):
+    from edgesparse.devices.local import profile_local
+
+    _, path, _ = block4x1
+    result = profile_local(path, runs=20, warmup=2, threads=1)
+    assert result["runtime"] == "ai-edge-litert" and result["threads"] == 1
+    assert result["p50_ms"] > 0 and result["count"] >= 20 and result["input_shapes"] == [[1, 3, 12, 12]]
+    assert result["threads_note"].startswith("3 edgesparse TFLite ops")
+    with pytest.raises(EdgesparseError, match="not available for .tflite"):
+        profile_local(path, runs=2, per_op=True)
