@@ -149,7 +149,7 @@ def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float, p
         with open(path, "rb") as f:
             ours = len(tflite.edgesparse_ops(tflite.load(f.read())))
         if ours:
-            extra["threads_note"] = f"{ours} edgesparse TFLite ops run on the interpreter's thread (1); XNNPACK uses {threads}"
+            extra["threads_note"] = f"{ours} edgesparse TFLite ops split across the interpreter's {threads} thread(s), as XNNPACK does"
     if per_op:
         ops_runs = min(runs, 100)
         extra["per_op"] = (per_op_onnx(path, ops_runs, threads, call.feed) if path.endswith(".onnx")

@@ -121,6 +121,20 @@ def test_custom_ops_run_in_litert_and_equal_torch(pattern, block4x1, tmp_path):
             assert float((got - expected).abs().max()) <= 1e-4
 
 
+@pytest.mark.parametrize("pattern,batch", [("block:4x1", 1), ("block:4x1", 7), ("nm:2:4", 7), ("block:1x4", 2)])
+def test_two_threads_give_the_same_bits(pattern, batch, tmp_path):
+    """The ops split rows (or output blocks) across the interpreter's threads: disjoint outputs,
+    the same arithmetic, so 2 threads equal 1 bit for bit (XNNPACK off: only our ops differ)."""
+    model, swapped = pruned_pair(pattern)
+    x = torch.randn(batch, 3, 12, 12)
+    path = tmp_path / "b.tflite"
+    tflite.export_tflite(ExportJob(swapped, model, (x,), [(x,)], tflite_ops="edgesparse"), path)
+    one, two = (tflite.run_tflite(tflite.interpreter(path, xnnpack=False, threads=t), (x,)) for t in (1, 2))
+    assert torch.equal(one, two)
+    with torch.no_grad():
+        assert float((two - model(x)).abs().max()) <= 1e-4
+
+
 def test_swapped_weights_are_stored_packed(block4x1):
     _, path, entry = block4x1
     model = tflite.load(path.read_bytes())
@@ -252,6 +266,6 @@ def test_profile_runs_the_tflite_with_our_ops(block4x1):
     result = profile_local(path, runs=20, warmup=2, threads=1)
     assert result["runtime"] == "ai-edge-litert" and result["threads"] == 1
     assert result["p50_ms"] > 0 and result["count"] >= 20 and result["input_shapes"] == [[1, 3, 12, 12]]
-    assert result["threads_note"].startswith("3 edgesparse TFLite ops")
+    assert result["threads_note"].startswith("3 edgesparse TFLite ops split across the interpreter's 1 thread")
     with pytest.raises(EdgesparseError, match="not available for .tflite"):
         profile_local(path, runs=2, per_op=True)

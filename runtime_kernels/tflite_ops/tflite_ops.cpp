@@ -16,7 +16,8 @@
 // resolver's AddCustom is not exported by the wheel (its libpywrap_litert_common.so keeps it as a
 // LOCAL symbol in .symtab), so it is found by name in the .symtab of the loaded LiteRT library
 // (see find_add_custom); EdgesparseTfliteStatus() says why when it is not there. The kernels run on
-// the calling (interpreter) thread.
+// the interpreter's thread count (context->recommended_num_threads, i.e. num_threads): the
+// calling thread plus persistent workers of this library's own pool.
 #include <dlfcn.h>
 #include <elf.h>
 #include <fcntl.h>
@@ -25,11 +26,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "edgesparse/kernels.h"
@@ -184,6 +190,94 @@ void activate(float* y, size_t count, uint32_t activation) {
   }
 }
 
+// A fork-join pool: run(threads, n, fn, arg) calls fn(arg, i) for i in [0, n) on the caller and
+// threads - 1 persistent workers (created on first need, never torn down: the process ends them).
+class Pool {
+ public:
+  void run(size_t threads, size_t n, void (*fn)(void*, size_t), void* arg) {
+    if (threads <= 1 || n <= 1) {
+      for (size_t i = 0; i < n; i++) fn(arg, i);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job(job_mutex_);  // interpreters on several threads take turns
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      while (workers_ < threads - 1) {
+        std::thread([this, index = workers_] { loop(index); }).detach();
+        workers_++;
+      }
+      fn_ = fn, arg_ = arg, n_ = n, wanted_ = threads - 1, busy_ = threads - 1;
+      next_.store(0);
+      generation_++;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+  }
+
+ private:
+  void work() {
+    for (size_t i; (i = next_.fetch_add(1)) < n_;) fn_(arg_, i);
+  }
+  void loop(size_t index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (index >= wanted_) continue;  // a smaller job than the pool
+      lock.unlock();
+      work();
+      lock.lock();
+      if (--busy_ == 0) done_.notify_one();
+    }
+  }
+  std::mutex job_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  size_t workers_ = 0, wanted_ = 0, busy_ = 0, n_ = 0;
+  uint64_t generation_ = 0;
+  std::atomic<size_t> next_{0};
+  void (*fn_)(void*, size_t) = nullptr;
+  void* arg_ = nullptr;
+};
+
+Pool& pool() {
+  static Pool* instance = new Pool;  // never destroyed: its detached workers outlive static destructors
+  return *instance;
+}
+
+// One invoke's work cut into pieces: by rows (pixels, tokens) when there are enough, each piece
+// running the whole weight on its rows; else by output row blocks (BCSR) / output channels (N:M).
+struct Job {
+  const Kernel* k;
+  const Weights* w;
+  const float* x;
+  float* y;
+  size_t rows, units, pieces;
+  bool by_rows;
+};
+
+void run_piece(void* data, size_t i) {
+  const Job& j = *static_cast<const Job*>(data);
+  const size_t u0 = j.units * i / j.pieces, u1 = j.units * (i + 1) / j.pieces;
+  const Kernel& k = *j.k;
+  if (j.by_rows) {  // units are groups of 4 rows: the kernels' row tile, so every row takes the
+    // same code path (and gives the same bits) as in one call over all rows
+    const size_t r0 = 4 * u0, r1 = std::min(j.rows, 4 * u1);
+    const float* x = j.x + r0 * k.in;
+    float* y = j.y + r0 * k.out;
+    if (k.kind == kBcsr)
+      es_f32_bcsr_linear(&j.w->bcsr, r1 - r0, x, y);
+    else
+      es_f32_nm_linear(&j.w->nm, r1 - r0, x, y);
+  } else if (k.kind == kBcsr) {
+    es_f32_bcsr_linear_blocks(&j.w->bcsr, j.rows, j.x, j.y, u0, u1);
+  } else {
+    es_f32_nm_linear_outs(&j.w->nm, j.rows, j.x, j.y, u0, u1);
+  }
+}
+
 TfLiteStatus invoke(TfLiteContext* ctx, TfLiteNode* node) {
   const Kernel& k = *static_cast<Kernel*>(node->user_data);
   Weights w;
@@ -196,11 +290,15 @@ TfLiteStatus invoke(TfLiteContext* ctx, TfLiteNode* node) {
   const float* in = static_cast<const float*>(x->data);
   // NHWC pixels are rows: the linear kernel. (Transposing each image to channel-major for the
   // 1x1-conv kernel, which vectorizes over pixels, measured slower except at 7x7.)
-  if (k.kind == kBcsr) {
-    es_f32_bcsr_linear(&w.bcsr, rows, in, out);
-  } else {
-    es_f32_nm_linear(&w.nm, rows, in, out);
-  }
+  const size_t threads = static_cast<size_t>(std::max(1, ctx->recommended_num_threads));
+  const size_t nonzeros = k.kind == kBcsr ? static_cast<size_t>(w.bcsr.row_ptr[es_bcsr_row_blocks(&w.bcsr)]) * k.a * k.b
+                                          : static_cast<size_t>(k.out) * (k.in / k.b) * k.a;
+  const bool by_rows = rows >= 4 * threads;
+  const size_t units = by_rows ? (rows + 3) / 4 : k.kind == kBcsr ? es_bcsr_row_blocks(&w.bcsr) : k.out;
+  // at least ~16k multiply-adds per piece, a few pieces per thread for balance
+  const size_t pieces = std::max<size_t>(1, std::min({units, nonzeros * rows / 16384, 4 * threads}));
+  Job job{&k, &w, in, out, rows, units, pieces, by_rows};
+  pool().run(std::min(threads, pieces), pieces, run_piece, &job);
   activate(out, rows * k.out, k.activation);
   return kTfLiteOk;
 }
