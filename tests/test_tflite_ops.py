@@ -269,3 +269,9 @@ def test_profile_runs_the_tflite_with_our_ops(block4x1):
     assert result["threads_note"].startswith("3 edgesparse TFLite ops split across the interpreter's 1 thread")
     with pytest.raises(EdgesparseError, match="not available for .tflite"):
         profile_local(path, runs=2, per_op=True)
+
+
+def test_remote_profile_of_a_tflite_is_refused_in_one_line(block4x1, capsys, monkeypatch):
+    _, path, _ = block4x1
+    code, _, err = run_cli(["profile", path, "--device", "ssh://nobody@127.0.0.1:1"], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no .tflite runner" in err
