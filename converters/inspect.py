@@ -398,7 +398,7 @@ def _tflite_edgesparse(model, graph, op, index: int) -> Layer:
 
     kind = tfl.custom_op_name(model, op)
     inputs = [int(i) for i in op.inputs]
-    name = _tflite_name(graph.tensors[inputs[1]].name).removesuffix(".values") or f"{kind}#{index}"
+    name = _tflite_name((graph.tensors[inputs[1]].name or b"").removesuffix(b"/values")) or f"{kind}#{index}"
     stored = sum(tfl.stored_bytes(model, i, graph) for i in inputs[1:] if i >= 0)
     options = tfl.parse_custom_options(op.customOptions)
     arrays = [tfl.constant(model, graph, i) for i in inputs[1:4 if "Bcsr" in kind else 3]]
