@@ -10,6 +10,9 @@ The post-pass (facts in ../shared/notes/onnx-and-tflite.md, section 6):
   TensorFlow SAME padding, and litert-torch emits it for every stride-1 depthwise conv.
 - int8 (`--quant int8`): full-integer static quantization with ai-edge-quantizer on the recipe's
   calibration data; int8 weights stay dense (XNNPACK's sparse path is fp32/fp16 only).
+- `--tflite-ops edgesparse` (fp32): the layers export swapped for our kernels become Edgesparse*
+  custom ops (packed weights, a 32-byte options blob) that our TFLite op library runs on any CPU;
+  `interpreter()` registers that library. The rest of the post-pass applies to the other layers.
 """
 
 from __future__ import annotations
@@ -412,8 +415,6 @@ def emit_edgesparse_ops(model, formats: dict) -> list[dict]:
     """Replace each fp32 FULLY_CONNECTED / 1x1 stride-1 CONV_2D whose weight is one of `formats`'
     (a layer the export swapped for our kernels) with an Edgesparse* custom op whose packed weights
     are new constant tensors; returns one record per replaced op."""
-    import torch as _torch
-
     from edgesparse.runtime_kernels.formats import pack_bcsr, pack_nm
 
     s = _schema()
@@ -444,7 +445,7 @@ def emit_edgesparse_ops(model, formats: dict) -> list[dict]:
         kind, a, b = found
         out, inp = weight2d.shape
         label = (graph.tensors[inputs[1]].name or b"weight").decode(errors="replace")
-        w = _torch.from_numpy(weight2d.copy())
+        w = torch.from_numpy(weight2d.copy())
         if kind == "bcsr":
             packed = pack_bcsr(w, a, b)
             arrays = [(packed.values.numpy(), s.TensorType.FLOAT32, "values"), (packed.col_idx.numpy(), s.TensorType.INT32, "col_idx"),
