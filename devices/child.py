@@ -1,5 +1,6 @@
 """Child process that times one artifact and prints a JSON line: a .pte in ExecuTorch's Python
-runtime, a .onnx in ONNX Runtime (with the edgesparse op library registered).
+runtime, a .onnx in ONNX Runtime, a .tflite in ai-edge-litert's interpreter (XNNPACK delegate;
+the edgesparse op libraries registered in both).
 
 Run in its own process so its peak RSS (VmHWM) belongs to this model alone:
     python -m edgesparse.devices.child model.pte --runs 100 --warmup 10 --threads 1
@@ -77,6 +78,24 @@ def bench_onnx(path: str, threads: int) -> tuple[str, float, object, list, int]:
     return "onnxruntime", load_ms, call, [list(v.shape) for v in feed.values()], session_threads(session)
 
 
+def bench_tflite(path: str, threads: int) -> tuple[str, float, object, list, int]:
+    import numpy as np
+
+    from edgesparse.converters.tflite import interpreter
+
+    t0 = time.perf_counter()
+    runner = interpreter(path, xnnpack=True, threads=threads)
+    load_ms = (time.perf_counter() - t0) * 1e3
+    rng = np.random.default_rng(0)
+    details = runner.get_input_details()
+    for detail in details:
+        shape = [int(d) for d in detail["shape"]]
+        value = (rng.standard_normal(shape) if np.issubdtype(detail["dtype"], np.floating) else rng.integers(0, 8, shape))
+        runner.set_tensor(detail["index"], value.astype(detail["dtype"]))
+    # the interpreter's num_threads sizes XNNPACK's pool and our ops' pool alike (no read-back API)
+    return "ai-edge-litert", load_ms, runner.invoke, [[int(d) for d in detail["shape"]] for detail in details], threads
+
+
 def per_op_pte(path: str, runs: int) -> list[dict]:
     """Per-event medians from ExecuTorch's ETDump over `runs` calls (a separate, instrumented load,
     after the timed runs): XNNPACK's ops inside each delegate call, DELEGATE_CALL and OPERATOR_CALL
@@ -132,9 +151,17 @@ def per_op_onnx(path: str, runs: int, threads: int, feed: dict) -> list[dict]:
 
 def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float, per_op: bool = False) -> dict:
     rss_before = _status_mb("VmRSS")
-    runtime, load_ms, call, shapes, used = (bench_onnx if path.endswith(".onnx") else bench_pte)(path, threads)
+    bench_for = bench_onnx if path.endswith(".onnx") else bench_tflite if path.endswith(".tflite") else bench_pte
+    runtime, load_ms, call, shapes, used = bench_for(path, threads)
     first_ms, times = time_calls(call, runs, warmup, min_seconds)
     extra = {}
+    if path.endswith(".tflite"):
+        from edgesparse.converters import tflite
+
+        with open(path, "rb") as f:
+            ours = len(tflite.edgesparse_ops(tflite.load(f.read())))
+        if ours:
+            extra["threads_note"] = f"{ours} edgesparse TFLite ops split across the interpreter's {threads} thread(s), as XNNPACK does"
     if per_op:
         ops_runs = min(runs, 100)
         extra["per_op"] = (per_op_onnx(path, ops_runs, threads, call.feed) if path.endswith(".onnx")

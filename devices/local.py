@@ -14,7 +14,7 @@ import numpy as np
 from edgesparse._io import sha256_file
 from edgesparse.errors import EdgesparseError
 
-RUNNERS = {".pte": "edgesparse.devices.child", ".onnx": "edgesparse.devices.child"}
+RUNNERS = {".pte": "edgesparse.devices.child", ".onnx": "edgesparse.devices.child", ".tflite": "edgesparse.devices.child"}
 RUNTIMES = ("python", "cpp")
 
 
@@ -75,7 +75,7 @@ def check_artifact(artifact: str | Path, runs: int, warmup: int, threads: int, r
     if runtime not in RUNTIMES:
         raise EdgesparseError(f"unknown runtime {runtime!r} (available: {', '.join(RUNTIMES)})")
     if runtime == "cpp" and path.suffix != ".pte":
-        raise EdgesparseError(f"the C++ runner runs .pte files, not {path.name}", hint="profile .onnx with --runtime python")
+        raise EdgesparseError(f"the C++ runner runs .pte files, not {path.name}", hint=f"profile {path.suffix} with --runtime python")
     return path
 
 
@@ -99,6 +99,9 @@ def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threa
     path = check_artifact(artifact, runs, warmup, threads, runtime)
     if per_op and runtime == "cpp":
         raise EdgesparseError("per-operator times come from the python runtime (ETDump) or ONNX Runtime, not the C++ runner")
+    if per_op and path.suffix == ".tflite":
+        raise EdgesparseError("per-operator times are not available for .tflite (LiteRT's Python API has no profiler)",
+                              hint="profile the .pte or .onnx with --per-op")
     cmd = _command(path, runtime, runs, warmup, threads, min_seconds, per_op)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
@@ -109,7 +112,7 @@ def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threa
         raise EdgesparseError(f"profiling {path.name} timed out after {timeout:.0f} s") from None
     except subprocess.SubprocessError as exc:  # the affinity could not be set
         raise EdgesparseError(f"cannot pin the runner to CPUs {cpus}: {exc}") from None
-    where = "in ONNX Runtime" if path.suffix == ".onnx" else "in ExecuTorch"
+    where = {".onnx": "in ONNX Runtime", ".tflite": "in LiteRT"}.get(path.suffix, "in ExecuTorch")
     result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, where)
     check_threads(result, threads, path.name, where)
     return finish(result, path, before, Local().info())

@@ -127,6 +127,9 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
     """.pte: the C++ runner; .onnx: device_bench.py in the device's python3 with onnxruntime."""
     if per_op:
         raise EdgesparseError(f"per-operator times are measured here only (--device local), not on {transport.spec}")
+    if str(artifact).endswith(".tflite"):
+        raise EdgesparseError(f"no .tflite runner for {transport.spec} yet (the C++ runner and the device bundle run .pte)",
+                              hint="profile the .tflite here (--device local), or the .pte / .onnx on the device")
     onnx = str(artifact).endswith(".onnx")
     runtime = runtime or ("python" if onnx else "cpp")
     if runtime != ("python" if onnx else "cpp"):

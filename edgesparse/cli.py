@@ -41,6 +41,7 @@ def export(
     quant: Optional[str] = typer.Option(None, "--quant", help="none | int8 | int8-dynamic | int4w"),
     fmt: str = typer.Option("pte", "--format", help="comma-separated formats: pte, onnx, tflite (tflite needs the [tflite] extra)"),
     onnx_sparse_storage: bool = typer.Option(False, "--onnx-sparse-storage", help="store mostly-zero ONNX initializers as sparse tensors (smaller file; ONNX Runtime densifies them at load)"),
+    tflite_ops: str = typer.Option("builtin", "--tflite-ops", help="builtin (sparse weights + DENSIFY, any LiteRT) | edgesparse (swapped layers as our custom ops; needs our op library)"),
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="gradual pruning over N fine-tune steps (built-in demos; 0 = one-shot)"),
     act_sparsity: Optional[float] = typer.Option(None, "--act-sparsity", help="activation sparsity target in [0, 1), e.g. 0.5 (LMs with gated MLPs)"),
     act_method: Optional[str] = typer.Option(None, "--act-method", help="cats (default) | chess | teal"),
@@ -59,11 +60,13 @@ def export(
         export_moe(model, expert_budget, quant or "none", output)
         return
     formats = parse_formats(fmt)  # fail on a bad format before loading anything
+    if tflite_ops not in ("builtin", "edgesparse"):
+        raise EdgesparseError(f"unknown --tflite-ops {tflite_ops!r} (available: builtin, edgesparse)")
     base = Recipe.load(recipe) if recipe else None
     if base is None and finetune_steps is None and model.startswith("demo:"):
         finetune_steps = 300 if (prune or 0) > 0 or (pattern or "").startswith("nm") else 0
     resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps, act_sparsity, act_method, act_finetune_steps)
-    record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage)
+    record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage, tflite_ops=tflite_ops)
     print_export_summary(record, output)
     if not all(a["verified"] for a in record["artifacts"]):
         raise EdgesparseError("an artifact failed verification against torch (see manifest.json)")

@@ -44,6 +44,7 @@ def export_model(
     formats: list[str] = ("pte",),
     finetune: bool = True,
     onnx_sparse_storage: bool = False,
+    tflite_ops: str = "builtin",
 ) -> dict:
     """Compress and export; returns the manifest (also written to out_dir/manifest.json)."""
     formats = parse_formats(",".join(formats))
@@ -98,7 +99,8 @@ def export_model(
         record["runtime_ops"] = {"library": runtime_kernels.ET_LIBRARY.name, "onnx_library": runtime_kernels.ORT_LIBRARY.name,
                                  "kernels": sorted(kernel_names)}
     job = ExportJob(export_model_, pruned, example_inputs, samples, recipe.quant.mode,
-                    calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage)
+                    calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage,
+                    tflite_ops=tflite_ops)
     with staging_dir(out_dir) as stage:
         for fmt in formats:
             entry = FORMATS[fmt](job, stage / f"model.{fmt}")

@@ -3,6 +3,7 @@
     build()                 configure + build with CMake (make does this; tests call it if needed)
     available()             whether the ExecuTorch op library is built
     load_executorch_ops()   load it into this process's ExecuTorch runtime, exactly once
+    tflite_registerer()     load the TFLite op library; the registerer name LiteRT's interpreter takes
     register_with_exporter(register_kernel)  hand export's registry our layer factories
 """
 
@@ -20,6 +21,8 @@ BUILD_DIR = SOURCE_DIR / "build"
 ET_LIBRARY = BUILD_DIR / "libedgesparse_et.so"
 C_LIBRARY = BUILD_DIR / "libedgesparse_kernels.so"
 ORT_LIBRARY = BUILD_DIR / "libedgesparse_ort.so"  # ONNX Runtime custom ops, domain ai.edgesparse
+TFLITE_LIBRARY = BUILD_DIR / "libedgesparse_tflite.so"  # TFLite custom ops Edgesparse* (tflite_ops/)
+TFLITE_REGISTERER = "EdgesparseTfliteRegisterer"  # for InterpreterWithCustomOps(custom_op_registerers=[...])
 RUNNER = BUILD_DIR / "edgesparse_runner"  # the torch-free C++ .pte runner
 # the same runner cross-built for aarch64 Linux against the aarch64 executorch wheel (make arm-runner)
 ARM_BUILD_DIR = SOURCE_DIR / "build-aarch64-runner"
@@ -79,6 +82,30 @@ def ort_session(path, threads: int = 1, profile_prefix: str | None = None):
         first = first_line(exc)
         hint = "build the edgesparse op library with `make kernels`" if "edgesparse" in first and not ORT_LIBRARY.is_file() else None
         raise EdgesparseError(f"ONNX Runtime could not load {Path(path).name}: {first}", hint=hint) from None
+
+
+_tflite_library = None
+
+
+def tflite_registerer() -> str:
+    """Load the TFLite custom-op library (once, RTLD_GLOBAL so the interpreter finds its registerer
+    by name) and return that name; a one-line error when it is not built or cannot reach LiteRT's
+    op resolver."""
+    global _tflite_library
+    if _tflite_library is None:
+        if not TFLITE_LIBRARY.is_file():
+            raise EdgesparseError("the model has edgesparse TFLite ops but the op library is not built",
+                                  hint="build it with `make kernels`")
+        from ai_edge_litert import interpreter  # noqa: F401  (loads LiteRT, whose resolver the registerer needs)
+
+        library = ctypes.CDLL(str(TFLITE_LIBRARY), mode=ctypes.RTLD_GLOBAL)
+        library.EdgesparseTfliteStatus.restype = ctypes.c_char_p
+        _tflite_library = library
+    why = _tflite_library.EdgesparseTfliteStatus()
+    if why:
+        raise EdgesparseError(f"cannot register the edgesparse TFLite ops in this LiteRT: {why.decode()}",
+                              hint="see converters/README.md (TFLite custom ops)")
+    return TFLITE_REGISTERER
 
 
 def register_with_exporter(register_kernel) -> bool:
