@@ -15,12 +15,18 @@ from edgesparse.errors import EdgesparseError
 from edgesparse.quantize import capture
 
 
-def lower(model: nn.Module, example_inputs: tuple):
-    """The staged pipeline; returns the ExecutorchProgramManager (`.buffer` is the .pte bytes)."""
+def lower(model: nn.Module, example_inputs: tuple, fuse: bool = True):
+    """The staged pipeline; returns the ExecutorchProgramManager (`.buffer` is the .pte bytes).
+    `fuse` keeps the layers between our sparse ops on our kernels (runtime_kernels/fusion.py), so
+    XNNPACK is not entered (through NCHW/NHWC transposes) between them."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from edgesparse.runtime_kernels.fusion import fuse_chains
+
     exported = capture(model, example_inputs)
+    if fuse:
+        fuse_chains(exported)
     edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     return edge.to_executorch()
 
