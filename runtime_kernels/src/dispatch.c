@@ -159,12 +159,15 @@ void es_f32_bcsr_conv1x1_nchw_fused_blocks(const es_bcsr_f32* w, const es_epilog
 
 size_t es_dwconv3x3_out_size(size_t in, size_t stride) { return (in - 1) / stride + 1; }
 
-/* the layout f32-dwconv.inc uses: the padded plane, then (stride 1) the output with its junk
- * columns or (stride 2) six even/odd row splits and the output, each with ES_DW_SLACK of room */
+/* the layouts f32-dwconv.inc uses: the padded plane, then (stride 1) the output with its junk
+ * columns or (stride 2) every padded row split into even and odd columns, with room for whole vectors;
+ * or, for small output planes, a block of channels transposed (input, 9 taps + bias, output) */
 size_t es_f32_dwconv3x3_scratch(size_t height, size_t width, size_t stride) {
   const size_t oh = es_dwconv3x3_out_size(height, stride), ow = es_dwconv3x3_out_size(width, stride);
-  const size_t rest = stride == 1 ? oh * (width + 2) + ES_DW_SLACK : 7 * (oh * (ow + 1) + ES_DW_SLACK);
-  return (height + 2) * (width + 2) + ES_DW_SLACK + rest;
+  const size_t rest = stride == 1 ? oh * (width + 2) + ES_DW_SLACK : 2 * (height + 2) * (ow + 1 + 2 * ES_DW_SLACK);
+  const size_t padded = (height + 2) * (width + 2) + ES_DW_SLACK + rest;
+  const size_t small = (height * width + 10 + oh * ow) * ES_DW_CHANNEL_BLOCK;
+  return padded > small ? padded : small;
 }
 
 void es_f32_dwconv3x3_nchw_channels(const es_dwconv3x3_f32* w, size_t height, size_t width, const float* x, float* y,

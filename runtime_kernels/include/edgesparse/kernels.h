@@ -78,6 +78,9 @@ typedef struct {
 
 /* floats of room the SIMD variants leave past each scratch plane (whole-vector loads at the end) */
 #define ES_DW_SLACK 32
+/* output planes of at most this many pixels are computed across channels, this many at a time */
+#define ES_DW_SMALL_PLANE 16
+#define ES_DW_CHANNEL_BLOCK 64
 
 size_t es_dwconv3x3_out_size(size_t in, size_t stride);
 size_t es_f32_dwconv3x3_scratch(size_t height, size_t width, size_t stride);
