@@ -25,10 +25,11 @@ def lower(model: nn.Module, example_inputs: tuple, fuse: bool = True):
     from edgesparse.runtime_kernels.fusion import fuse_chains
 
     exported = capture(model, example_inputs)
-    if fuse:
-        fuse_chains(exported)
+    fused = fuse_chains(exported) if fuse else {}
     edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-    return edge.to_executorch()
+    program = edge.to_executorch()
+    program.fused_chains = fused  # for the manifest: what moved off XNNPACK
+    return program
 
 
 def load_method(path: str | Path):
@@ -61,6 +62,8 @@ def export_pte(job: ExportJob, dest: str | Path) -> dict:
         with _progress.status(f"verifying {dest.name} in the ExecuTorch runtime"):
             entry = verify_pte(tmp, job.model, job.sample_inputs, job.quant != "none")
     entry.update(format="pte", path=dest.name, bytes=dest.stat().st_size, sha256=sha256_file(dest))
+    if any(program.fused_chains.values()):
+        entry["fused_chains"] = program.fused_chains
     return entry
 
 
