@@ -171,6 +171,10 @@ def _edgesparse_op(operator: str, args: list, buffers, index: int) -> Layer:
     elif op.startswith("nm"):
         n, m, inp, out = ints[:4]
         weight, pattern = unpack_nm(get(1), get(2), n, m, inp, out), f"nm:{n}:{m}"
+    elif op == "dwconv3x3":  # dense depthwise conv on our kernel, keeping a chain of sparse layers off XNNPACK
+        weight = get(1)
+        return Layer(f"{op}#{index}", operator, list(weight.shape), dtype, stored, float((weight == 0).float().mean()),
+                     None, False, f"{operator}: dense depthwise kernel (NCHW, between sparse layers: no XNNPACK partition)")
     elif op == "qs8_bcsr_linear":
         rows, inp, out = ints[:3]
         weight = unpack_bcsr(ungroup_qs8(get(1), rows).float(), get(2), get(3), rows, inp, out)

@@ -123,6 +123,18 @@ def per_op_pte(path: str, runs: int) -> list[dict]:
     return rows
 
 
+def per_op_summary(rows: list[dict]) -> dict:
+    """Per inference, from per_op_pte's rows (one row per event of one inference): the XNNPACK
+    delegate calls (partitions entered), the transposes inside them (NCHW <-> NHWC at partition
+    edges) and the ops run outside XNNPACK."""
+    def count(test):
+        return sum(1 for row in rows if test(row["name"]))
+
+    return {"delegate_calls": count(lambda name: name == "DELEGATE_CALL"),
+            "transposes": count(lambda name: name.startswith("Transpose")),
+            "operator_calls": count(lambda name: name == "OPERATOR_CALL")}
+
+
 def per_op_onnx(path: str, runs: int, threads: int, feed: dict) -> list[dict]:
     """Per-node medians from ONNX Runtime's session profiling (a separate session)."""
     import tempfile
@@ -166,6 +178,8 @@ def bench(path: str, runs: int, warmup: int, threads: int, min_seconds: float, p
         ops_runs = min(runs, 100)
         extra["per_op"] = (per_op_onnx(path, ops_runs, threads, call.feed) if path.endswith(".onnx")
                            else per_op_pte(path, ops_runs))
+        if not path.endswith(".onnx"):
+            extra["per_op_summary"] = per_op_summary(extra["per_op"])
     return {
         "runtime": runtime,
         "threads": used,

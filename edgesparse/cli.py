@@ -212,6 +212,10 @@ def profile(
         for row in sorted(result["per_op"], key=lambda r: -r["median_ms"])[:15]:
             ops.add_row(row["name"], row.get("op", ""), str(row["calls"]), f"{1e3 * row['median_ms']:.1f}")
         out.print(ops)
+        if result.get("per_op_summary"):
+            summary = result["per_op_summary"]
+            out.print(f"per inference: {summary['delegate_calls']} XNNPACK delegate calls (partitions), "
+                      f"{summary['transposes']} transposes, {summary['operator_calls']} ops outside XNNPACK")
     if json_out:
         write_json_atomic(json_out, result)
         out.print(f"wrote {json_out}")

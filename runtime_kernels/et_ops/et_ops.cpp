@@ -191,6 +191,74 @@ Tensor& bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
   return out;
 }
 
+// 1x1 convolution, NCHW, with its consumers fused: out = clamp(W x + bias + residual, min, max)
+// (residual optional, [N, out, H, W]); threads split the row blocks as in bcsr_conv1x1.
+Tensor& bcsr_conv1x1_fused_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
+                               const Tensor& row_ptr, const std::optional<Tensor>& bias,
+                               const std::optional<Tensor>& residual, int64_t block_rows, int64_t block_cols,
+                               int64_t in_features, int64_t out_features, double min, double max, Tensor& out) {
+  const char* op = "bcsr_conv1x1_fused";
+  if (!check_weights(ctx, op, values, col_idx, row_ptr, bias, block_rows, block_cols, in_features, out_features) ||
+      !check_input(ctx, op, x, in_features, true))
+    return out;
+  if (residual.has_value() &&
+      (residual->scalar_type() != ScalarType::Float || residual->dim() != 4 || residual->size(0) != x.size(0) ||
+       residual->size(1) != out_features || residual->size(2) != x.size(2) || residual->size(3) != x.size(3))) {
+    fail(ctx, op, "residual must be float [N, out_features, H, W]");
+    return out;
+  }
+  if (!resize_nchw(ctx, x, out_features, out)) return out;
+  const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, block_cols, in_features, out_features);
+  const size_t pixels = static_cast<size_t>(x.size(2) * x.size(3));
+  for (ssize_t n = 0; n < x.size(0); n++) {
+    const float* xp = x.const_data_ptr<float>() + n * in_features * pixels;
+    float* yp = out.mutable_data_ptr<float>() + n * out_features * pixels;
+    const es_epilogue_f32 e{residual.has_value() ? residual->const_data_ptr<float>() + n * out_features * pixels : nullptr,
+                            static_cast<float>(min), static_cast<float>(max)};
+    for_row_blocks(row_blocks(w), bcsr_work(w, pixels),
+                   [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_fused_blocks(&w, &e, pixels, xp, yp, b0, b1); });
+  }
+  return out;
+}
+
+// Depthwise 3x3 convolution, NCHW, padding 1, stride 1 or 2, bias and clamp fused; weight
+// [C, 1, 3, 3]. Threads split the channels; each uses its own scratch plane.
+Tensor& dwconv3x3_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                      int64_t stride, double min, double max, Tensor& out) {
+  const bool ok = x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float && x.dim() == 4 &&
+                  weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 && weight.size(2) == 3 &&
+                  weight.size(3) == 3 && optional_float(bias, x.size(1)) && (stride == 1 || stride == 2) &&
+                  x.size(2) > 0 && x.size(3) > 0;
+  if (!ok) {
+    fail(ctx, "dwconv3x3", "float x [N, C, H, W], weight [C, 1, 3, 3], bias [C], stride 1 or 2 expected");
+    return out;
+  }
+  const size_t h = static_cast<size_t>(x.size(2)), wd = static_cast<size_t>(x.size(3)), s = static_cast<size_t>(stride);
+  const size_t oh = es_dwconv3x3_out_size(h, s), ow = es_dwconv3x3_out_size(wd, s);
+  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(x.size(1)),
+                        static_cast<SizesType>(oh), static_cast<SizesType>(ow)};
+  if (executorch::runtime::resize_tensor(out, {sizes, 4}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const size_t channels = static_cast<size_t>(x.size(1));
+  const es_dwconv3x3_f32 w{channels, s, weight.const_data_ptr<float>(), data_or_null(bias), static_cast<float>(min),
+                           static_cast<float>(max)};
+  const size_t scratch_floats = es_f32_dwconv3x3_scratch(h, wd, s);
+  for (ssize_t n = 0; n < x.size(0); n++) {
+    const float* xp = x.const_data_ptr<float>() + n * channels * h * wd;
+    float* yp = out.mutable_data_ptr<float>() + n * channels * oh * ow;
+    // chunks of at least ~16k multiply-adds
+    const int64_t grain = std::max<int64_t>(1, 16384 / static_cast<int64_t>(9 * oh * ow + 1));
+    executorch::extension::parallel_for(0, static_cast<int64_t>(channels), grain, [&](int64_t c0, int64_t c1) {
+      thread_local std::vector<float> scratch;  // this pool thread's own; grows to the largest plane seen
+      if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);
+      es_f32_dwconv3x3_nchw_channels(&w, h, wd, xp, yp, scratch.data(), static_cast<size_t>(c0), static_cast<size_t>(c1));
+    });
+  }
+  return out;
+}
+
 // N:M operands: float values and uint8 positions [out, in / m * n], optional float bias [out].
 bool check_nm(KernelRuntimeContext& ctx, const char* op, const Tensor& values, const Tensor& idx,
               const std::optional<Tensor>& bias, int64_t n, int64_t m, int64_t in_features, int64_t out_features) {
@@ -340,6 +408,8 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
 
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_linear.out", bcsr_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1.out", bcsr_conv1x1_out);
+EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1_fused.out", bcsr_conv1x1_fused_out);
+EXECUTORCH_LIBRARY(edgesparse, "dwconv3x3.out", dwconv3x3_out);
 EXECUTORCH_LIBRARY(edgesparse, "nm_linear.out", nm_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "nm_conv1x1.out", nm_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);
