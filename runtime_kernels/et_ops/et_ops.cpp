@@ -215,7 +215,7 @@ Tensor& bcsr_conv1x1_fused_out(KernelRuntimeContext& ctx, const Tensor& x, const
     float* yp = out.mutable_data_ptr<float>() + n * out_features * pixels;
     const es_epilogue_f32 e{residual.has_value() ? residual->const_data_ptr<float>() + n * out_features * pixels : nullptr,
                             static_cast<float>(min), static_cast<float>(max)};
-    for_row_blocks(row_blocks(w), bcsr_work(w, pixels),
+    for_row_blocks(row_blocks(w), w.row_ptr, bcsr_macs(w, pixels),
                    [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_fused_blocks(&w, &e, pixels, xp, yp, b0, b1); });
   }
   return out;
@@ -248,12 +248,10 @@ Tensor& dwconv3x3_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   for (ssize_t n = 0; n < x.size(0); n++) {
     const float* xp = x.const_data_ptr<float>() + n * channels * h * wd;
     float* yp = out.mutable_data_ptr<float>() + n * channels * oh * ow;
-    // chunks of at least ~16k multiply-adds
-    const int64_t grain = std::max<int64_t>(1, 16384 / static_cast<int64_t>(9 * oh * ow + 1));
-    executorch::extension::parallel_for(0, static_cast<int64_t>(channels), grain, [&](int64_t c0, int64_t c1) {
+    for_uniform(static_cast<int64_t>(channels), static_cast<int64_t>(9 * oh * ow * channels), [&](size_t c0, size_t c1) {
       thread_local std::vector<float> scratch;  // this pool thread's own; grows to the largest plane seen
       if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);
-      es_f32_dwconv3x3_nchw_channels(&w, h, wd, xp, yp, scratch.data(), static_cast<size_t>(c0), static_cast<size_t>(c1));
+      es_f32_dwconv3x3_nchw_channels(&w, h, wd, xp, yp, scratch.data(), c0, c1);
     });
   }
   return out;
