@@ -159,6 +159,8 @@ def compare_pairs(found: dict) -> list[dict]:
     def add(kind, base_label, cand_label, a, b):
         if not (is_profile(a) and is_profile(b)) or not all(num(x.get(k)) is not None for x in (a, b)
                                                             for k in ("p50_ms", "std_ms", "count")):
+            found["notes"].append(f"no noise band for {cand_label} vs {base_label}: a row without std_ms / count "
+                                  "(a sweep from before they were recorded), not compared")
             return
         if num(b["p50_ms"]) <= 0:
             return
@@ -195,9 +197,12 @@ def compare_pairs(found: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- SVG plots
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
+def _ticks(lo: float, hi: float, n: int = 5, cap: float | None = None) -> list[float]:
+    """Round axis ticks around [lo, hi], padded so markers sit inside the frame; none past `cap`."""
+    pad = max((hi - lo) * 0.08, abs(hi) * 0.02, 1e-9)  # near-equal values still get readable ticks
+    lo, hi = (lo - pad if lo - pad >= 0 or lo < 0 else 0.0), hi + pad  # latency and size stay >= 0
+    if cap is not None and lo < cap:
+        hi = min(hi, cap)
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
@@ -209,11 +214,11 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def scatter_svg(points: list[dict], xlabel: str, ylabel: str, title: str) -> str:
+def scatter_svg(points: list[dict], xlabel: str, ylabel: str, title: str, y_cap: float | None = None) -> str:
     """points: x, y, r (marker radius), shape, front (bool), label, tip. A plain SVG scatter with axes."""
     w, h, left, right, top, bottom = 520, 340, 64, 16, 28, 46
     xs, ys = [p["x"] for p in points], [p["y"] for p in points]
-    xt, yt = _ticks(min(xs), max(xs)), _ticks(min(ys), max(ys))
+    xt, yt = _ticks(min(xs), max(xs)), _ticks(min(ys), max(ys), cap=y_cap)
     x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
 
     def sx(v):
@@ -267,7 +272,7 @@ def pareto_section(found: dict) -> str:
         for i, r in enumerate(rows):
             size = num(r.get("bytes"))
             acc = num(r.get("accuracy"))
-            label = f"{_g(r.get('prune'))}/{r.get('quant', '?')}" + (f" {r['_src'].split(']')[0]}]" if multi else "")
+            label = f"{_g(r.get('prune'))}/{r.get('quant', '?')}/{r.get('format', '?')}" + (f" {r['_src'].split(']')[0]}]" if multi else "")
             tip = (f"{r['key']} on {device}: p50 {1e3 * num(r['p50_ms']):.1f} us"
                    + (f", accuracy {100 * acc:.2f}%" if acc is not None else "")
                    + (f", {size / 1024:.1f} KiB" if size is not None else "") + (", Pareto front" if i in front else ""))
@@ -279,7 +284,8 @@ def pareto_section(found: dict) -> str:
                 size_pts.append(base | {"y": size / 1024, "r": 4.5})
         plots = []
         if accuracy_pts:
-            plots.append(scatter_svg(accuracy_pts, "p50 latency (us)", "accuracy (%)", f"{device}: latency vs accuracy (area ~ size)"))
+            plots.append(scatter_svg(accuracy_pts, "p50 latency (us)", "accuracy (%)", f"{device}: latency vs accuracy (area ~ size)",
+                                     y_cap=100.0))
         if size_pts:
             plots.append(scatter_svg(size_pts, "p50 latency (us)", "file size (KiB)", f"{device}: latency vs size"))
         parts.append(f'<div class="device"><h3>{esc(device)}</h3><div class="plots">{"".join(plots)}</div></div>')
