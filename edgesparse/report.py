@@ -284,10 +284,9 @@ def pareto_section(found: dict) -> str:
                 size_pts.append(base | {"y": size / 1024, "r": 4.5})
         plots = []
         if accuracy_pts:
-            plots.append(scatter_svg(accuracy_pts, "p50 latency (us)", "accuracy (%)", f"{device}: latency vs accuracy (area ~ size)",
-                                     y_cap=100.0))
+            plots.append(scatter_svg(accuracy_pts, "p50 latency (us)", "accuracy (%)", "latency vs accuracy (area ~ size)", y_cap=100.0))
         if size_pts:
-            plots.append(scatter_svg(size_pts, "p50 latency (us)", "file size (KiB)", f"{device}: latency vs size"))
+            plots.append(scatter_svg(size_pts, "p50 latency (us)", "file size (KiB)", "latency vs size"))
         parts.append(f'<div class="device"><h3>{esc(device)}</h3><div class="plots">{"".join(plots)}</div></div>')
     legend = ('<p class="legend"><span class="sw front"></span> Pareto front (no other cell is at least as fast, as accurate '
               'and as small, and better in one) <span class="sw"></span> dominated. Marker: circle .pte, square .onnx, '
@@ -352,7 +351,7 @@ def layers_section(found: dict) -> str:
         return '<p class="none">No manifest.json found.</p>'
     known = ["name", "shape", "sparsity", "pattern", "dtype", "kernel", "reason"]
     parts = []
-    for m in found["manifests"]:
+    for n, m in enumerate(found["manifests"]):
         data = m["data"]
         layers = data["layers"]
         sparse = sum(1 for layer in layers if layer.get("kernel") != "dense-xnnpack")
@@ -365,7 +364,7 @@ def layers_section(found: dict) -> str:
                          for a in data["artifacts"])
         recipe = json.dumps(data["recipe"], sort_keys=True)
         warnings = "".join(f'<p class="warn">{esc(w)}</p>' for w in data.get("warnings", []) if isinstance(w, str))
-        parts.append(f'<details><summary>{esc(m["label"])} {esc(m["rel"])}: {esc(data["model"])}, '
+        parts.append(f'<details{" open" if n == 0 else ""}><summary>{esc(m["label"])} {esc(m["rel"])}: {esc(data["model"])}, '
                      f'{sparse} of {len(layers)} layers on sparse kernels, overall sparsity {100 * data["sparsity_overall"]:.1f}%'
                      f'</summary><p class="meta">recipe {esc(recipe)}<br>artifacts: {esc(arts or "none")}</p>{warnings}'
                      + table(known + extras, rows, cls="layers") + "</details>")
@@ -435,9 +434,11 @@ svg.plot .ptitle{font-size:12px;font-weight:600} svg.plot .plabel{font-size:9.5p
 .sw.front{background:#d62728}
 .none,.meta,.legend{color:#555} .warn{color:#a40} ul.notes{color:#555;font-size:12.5px}
 details{margin:4px 0} summary{cursor:pointer}
+section{content-visibility:auto;contain-intrinsic-size:auto 900px}
 """
 
-# Clicking a header sorts by data-v (numbers) or text; errors and the load time are written into the
+# Sections off screen are not laid out until scrolled to (content-visibility), which keeps a page of
+# hundreds of rows quick to open. Clicking a header sorts by data-v (numbers) or text; errors and the load time are written into the
 # page so a headless browser's DOM dump shows them.
 SCRIPT = """
 (function(){
@@ -486,16 +487,16 @@ def render(found: dict, title: str = "edgesparse report") -> str:
 <p>Found: {esc(summary)}.</p>
 <ul class="dirs">{dirs}</ul>
 {f'<p>Skipped:</p><ul class="notes">{notes}</ul>' if notes else ''}
-<h2 id="pareto">Pareto front per device</h2>
-{pareto_section(found)}
-<h2 id="sweep">Sweep table</h2>
-{sweep_section(found)}
-<h2 id="compare">Compare: deltas and their noise band</h2>
-{compare_section(pairs)}
-<h2 id="profiles">Profiles and per-operator tops</h2>
-{per_op_section(found)}
-<h2 id="layers">Per-layer sparse / dense decisions</h2>
-{layers_section(found)}
+<section><h2 id="pareto">Pareto front per device</h2>
+{pareto_section(found)}</section>
+<section><h2 id="sweep">Sweep table</h2>
+{sweep_section(found)}</section>
+<section><h2 id="compare">Compare: deltas and their noise band</h2>
+{compare_section(pairs)}</section>
+<section><h2 id="profiles">Profiles and per-operator tops</h2>
+{per_op_section(found)}</section>
+<section><h2 id="layers">Per-layer sparse / dense decisions</h2>
+{layers_section(found)}</section>
 <pre id="page-errors" data-count="0" hidden></pre><div id="page-timing" hidden></div>
 <script>{SCRIPT}</script>
 </body></html>
