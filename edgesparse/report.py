@@ -137,7 +137,7 @@ def measured(row: dict) -> bool:
 
 def pareto_keys(rows: list[dict]) -> set[int]:
     """Indices (into rows) no other row beats on latency, accuracy and size together; rows without an
-    accuracy compete on latency and size only. Same rule as the sweep's own plot."""
+    accuracy compete on latency and size only (the sweep's own plot leaves them out)."""
     def point(r):
         return (num(r.get("p50_ms")), -(num(r.get("accuracy")) or 0.0), num(r.get("bytes")) or 0.0)
 
@@ -164,7 +164,8 @@ def compare_pairs(found: dict) -> list[dict]:
             return
         if num(b["p50_ms"]) <= 0:
             return
-        result = compare(a, b)
+        # only the numeric fields: a row or file with a null or text metric loses that metric, not the page
+        result = compare({k: v for k, v in a.items() if num(v) is not None}, {k: v for k, v in b.items() if num(v) is not None})
         pairs.append({"kind": kind, "a": base_label, "b": cand_label, **result})
 
     for sweep in found["sweeps"]:
@@ -203,6 +204,7 @@ def _ticks(lo: float, hi: float, n: int = 5, cap: float | None = None) -> list[f
     lo, hi = (lo - pad if lo - pad >= 0 or lo < 0 else 0.0), hi + pad  # latency and size stay >= 0
     if cap is not None and lo < cap:
         hi = min(hi, cap)
+    hi = hi if hi > lo else lo + pad
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)

@@ -68,6 +68,14 @@ def test_report_page_holds_every_section(sweep_dir, tmp_path):
     assert "top 10 of" in page and slowest["name"] in page
     # compare: the sparse cell against the dense one, on each device, with the noise band
     assert page.count("<td>within sweep</td>") == 2 and "noise band" in page
+    # the same folder given twice: every cell and profile file paired with itself, zero delta, within noise
+    from edgesparse.report import build_report, collect, compare_pairs
+
+    pairs = compare_pairs(collect([sweep_dir, sweep_dir]))
+    across = [p for p in pairs if p["kind"] == "across folders"]
+    assert len(across) == 4 + 3  # 4 sweep rows, 3 profile files (2 cells + the per-op one)
+    assert all(p["verdict"] == "within noise" and p["rows"][0]["delta"] == 0 for p in across)
+    assert build_report([sweep_dir, sweep_dir], tmp_path / "twice.html")["rows"] == 8
 
 
 @pytest.mark.slow
