@@ -281,7 +281,7 @@ def report(
 
     found = build_report(dirs, output)
     for note in found["notes"]:
-        out.print(f"[dim]skipped {note}")
+        out.print(f"[dim]not used: {note}")
     out.print(f"wrote {output}: {found['rows']} sweep row(s) from {found['sweeps']} file(s), {found['manifests']} manifest(s), "
               f"{found['profiles']} profile(s), {found['bytes'] / 1024:.0f} KiB")
 

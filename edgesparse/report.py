@@ -154,13 +154,12 @@ def compare_pairs(found: dict) -> list[dict]:
     its device and format; across DIRs the same cell / the same profile file against the first DIR's."""
     from edgesparse.devices.compare import compare
 
-    pairs = []
+    pairs, unpaired = [], []
 
     def add(kind, base_label, cand_label, a, b):
         if not (is_profile(a) and is_profile(b)) or not all(num(x.get(k)) is not None for x in (a, b)
                                                             for k in ("p50_ms", "std_ms", "count")):
-            found["notes"].append(f"no noise band for {cand_label} vs {base_label}: a row without std_ms / count "
-                                  "(a sweep from before they were recorded), not compared")
+            unpaired.append(f"{cand_label} vs {base_label}")
             return
         if num(b["p50_ms"]) <= 0:
             return
@@ -193,6 +192,9 @@ def compare_pairs(found: dict) -> list[dict]:
         base = first_profiles.get(prof["rel"])
         if prof["dir"] != 0 and base is not None:
             add("across folders", f"{base['label']} {base['rel']}", f"{prof['label']} {prof['rel']}", base["data"], prof["data"])
+    if unpaired:
+        found["notes"].append(f"{len(unpaired)} pair(s) not compared: no std_ms / count to give a noise band (rows "
+                              f"from a sweep that did not record them), e.g. {unpaired[0]}")
     return pairs
 
 
@@ -488,7 +490,7 @@ def render(found: dict, title: str = "edgesparse report") -> str:
 <h1>{esc(title)}</h1>
 <p>Found: {esc(summary)}.</p>
 <ul class="dirs">{dirs}</ul>
-{f'<p>Skipped:</p><ul class="notes">{notes}</ul>' if notes else ''}
+{f'<p>Not used, and why:</p><ul class="notes">{notes}</ul>' if notes else ''}
 <section><h2 id="pareto">Pareto front per device</h2>
 {pareto_section(found)}</section>
 <section><h2 id="sweep">Sweep table</h2>
