@@ -279,6 +279,21 @@ def compare(
 
 
 @app.command()
+def report(
+    dirs: list[Path] = typer.Argument(..., help="sweep output or export folders (sweep JSONL, manifest.json, profile JSON)"),
+    output: Path = typer.Option(Path("report.html"), "-o", "--output", help="the page (self-contained HTML)"),
+):
+    """One static page: per-device Pareto plots, the sweep table, compare deltas, per-operator tops, per-layer decisions."""
+    from edgesparse.report import build_report
+
+    found = build_report(dirs, output)
+    for note in found["notes"]:
+        out.print(f"[dim]not used: {note}")
+    out.print(f"wrote {output}: {found['rows']} sweep row(s) from {found['sweeps']} file(s), {found['manifests']} manifest(s), "
+              f"{found['profiles']} profile(s), {found['bytes'] / 1024:.0f} KiB")
+
+
+@app.command()
 def devices():
     """List the devices edgesparse can reach: this machine and the configured ssh hosts."""
     from edgesparse.devices.transports import list_devices
