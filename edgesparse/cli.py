@@ -362,7 +362,7 @@ def bench_models_cmd(
 ):
     """The model zoo, whole-model: dense / int8 / pruned exports of MiniLM-L6, MobileNetV2, SmolLM2's
     decode step and the digits CNN, verified, timed vs their own dense export at 1 thread and all
-    cores. Without --quick: the full grid with fine-tuning (about 2 hours on 2 cores)."""
+    cores. Without --quick: the full grid with fine-tuning and .tflite (hours on 2 cores; estimated ~2 h idle, not yet measured)."""
     from edgesparse._io import write_bytes_atomic, write_json_atomic
     from edgesparse.bench_models import bench_models, to_markdown
     from edgesparse.devices.sweep import parse_grid
