@@ -143,3 +143,14 @@ def test_minilm_bundle_prunes_only_its_ffns_by_default():
     # a recipe's own choice wins over the bundle's defaults
     own = Recipe.from_dict({"prune": {"sparsity": 0.8, "pattern": "block:8x1", "exclude": ["*.intermediate.*"]}})
     assert with_bundle_defaults(own, bundle).prune.exclude == ("*.intermediate.*",)
+
+
+def test_unknown_model_is_one_line_exit_2(tmp_path):
+    out = tmp_path / "zoo.json"
+    proc = subprocess.run([sys.executable, "-m", "edgesparse.cli", "bench", "models", "--models", "demo:nope", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    if "kernels are not built" in proc.stderr:
+        pytest.skip("sparse kernels not built (make kernels)")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown model(s) demo:nope" in proc.stderr
+    assert not out.exists()
