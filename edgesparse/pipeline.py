@@ -49,6 +49,7 @@ def export_model(
     """Compress and export; returns the manifest (also written to out_dir/manifest.json)."""
     formats = parse_formats(",".join(formats))
     bundle = spec if isinstance(spec, ModelBundle) else load_model(spec)
+    recipe = with_bundle_defaults(recipe, bundle)
     model = set_training(copy.deepcopy(bundle.model), False)
     started = time.perf_counter()
     metrics = {}
@@ -130,6 +131,17 @@ def _warnings(recipe: Recipe, plans: list, swapped: int, kernels: bool) -> list[
                "prune further or to a pattern with a kernel (block:4x1, block:8x1, nm:2:4); see `edgesparse bench kernels`")
         return [f"{len(pruned)} layers are pruned but none runs sparse, so the export is no faster than dense ({why}); fix: {fix}"]
     return []
+
+
+def with_bundle_defaults(recipe: Recipe, bundle: ModelBundle) -> Recipe:
+    """The bundle's prune_defaults fill the recipe's prune fields still at their defaults."""
+    import dataclasses
+
+    from edgesparse.recipe import PruneConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(PruneConfig) if f.default is not dataclasses.MISSING}
+    changes = {k: v for k, v in bundle.prune_defaults.items() if getattr(recipe.prune, k) == defaults.get(k)}
+    return dataclasses.replace(recipe, prune=dataclasses.replace(recipe.prune, **changes)) if changes else recipe
 
 
 def _calibration(bundle: ModelBundle, recipe: Recipe):

@@ -25,7 +25,9 @@ class ModelBundle:
     where predict maps an input batch to the model's output; calib() yields input tuples for
     calibration; finetune() makes a fresh one-step hook. export_wrapper(model) -> (module,
     example_inputs, verification_inputs) says what to export when it is not the model's own
-    forward (an LM exports one decode step with a static KV cache).
+    forward (an LM exports one decode step with a static KV cache). prune_defaults: PruneConfig
+    fields (e.g. exclude globs) that replace the recipe's values where it left them at their
+    defaults, for models whose safe-to-prune layers are known (an encoder's FFNs).
     """
 
     name: str
@@ -38,6 +40,7 @@ class ModelBundle:
     notes: list[str] = field(default_factory=list)
     metric: str = "accuracy"
     export_wrapper: Callable[[nn.Module], tuple[nn.Module, tuple, list[tuple]]] | None = None
+    prune_defaults: dict = field(default_factory=dict)
 
     def verification_inputs(self) -> list[tuple]:
         return self.sample_inputs or [self.example_inputs]
@@ -45,6 +48,7 @@ class ModelBundle:
 
 DEMOS = {
     "digits-cnn": "edgesparse.models.digits:bundle",
+    "minilm-l6": "edgesparse.models.minilm:bundle",
     "mobilenetv2": "edgesparse.models.mobilenetv2:bundle",
     "smollm2-135m": "edgesparse.models.smollm2:bundle",
     "tiny-moe": "edgesparse.models.tiny_moe:bundle",
