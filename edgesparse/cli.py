@@ -225,28 +225,46 @@ def sweep(
     runs: int = typer.Option(100, "--runs"),
     finetune_steps: int = typer.Option(300, "--finetune-steps", help="gradual pruning steps per pruned cell (built-in demos)"),
     output: Path = typer.Option(Path("sweep"), "-o", "--output", help="folder: results.jsonl (resumable), pareto.png, cells"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="a fleet: device specs, comma-separated; each "
+                                          "(variant, device) cell is a Ray task, one profile per device at a time"),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="`local` (a private Ray on 127.0.0.1, the default "
+                                              "with --devices) or HOST:PORT of a running Ray head"),
 ):
     """Export + profile every (prune, quant, format) cell; a rerun skips finished cells."""
     from edgesparse.devices.sweep import parse_grid, sweep as run_sweep
 
-    rows = run_sweep(model, parse_grid(prune, float), parse_grid(quant, str), parse_grid(fmt, str), device, output,
-                     pattern=pattern, runs=runs, finetune_steps=finetune_steps)
-    table = Table(title=f"{model} sweep on {device} ({output / 'results.jsonl'})")
-    for col in ("prune", "quant", "format", "accuracy", "p50 us", "p90 us", "size KiB", "peak RSS MB", "sparse layers"):
+    grid = parse_grid(prune, float), parse_grid(quant, str), parse_grid(fmt, str)
+    if devices is not None or ray_address is not None:
+        from edgesparse.fleet import fleet_sweep
+
+        fleet = parse_grid(devices, str) if devices is not None else [device]
+        rows = fleet_sweep(model, *grid, fleet, output, address=ray_address or "local", pattern=pattern, runs=runs,
+                           finetune_steps=finetune_steps, log=lambda line: out_err.print(line, markup=False, highlight=False))
+        where, plots = ", ".join(fleet), "pareto-*.png"
+    else:
+        rows = run_sweep(model, *grid, device, output, pattern=pattern, runs=runs, finetune_steps=finetune_steps)
+        where, plots = device, "pareto.png"
+    table = Table(title=f"{model} sweep on {where} ({output / 'results.jsonl'})")
+    fleet_columns = devices is not None or ray_address is not None
+    for col in ("prune", "quant", "format", *(("device",) if fleet_columns else ()), "accuracy", "p50 us", "p90 us",
+                "size KiB", "peak RSS MB", "sparse layers"):
         table.add_column(col, justify="right")
     notes = []
     for r in rows:
-        if "skipped" in r:
-            table.add_row(f"{r['prune']:g}", r["quant"], r["format"], "[dim]skipped", "", "", "", "", "")
-            notes.append(f"prune {r['prune']:g} / {r['quant']} / {r['format']}: {r['skipped']}")
+        head = [f"{r['prune']:g}", r["quant"], r["format"], *((r["device"],) if fleet_columns else ())]
+        if "skipped" in r or "failed" in r:
+            what = "skipped" if "skipped" in r else "failed"
+            table.add_row(*head, f"[dim]{what}", "", "", "", "", "")
+            notes.append(f"{what} {' / '.join(head)}: {r[what]}")
             continue
         accuracy = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
-        table.add_row(f"{r['prune']:g}", r["quant"], r["format"], accuracy, f"{1e3 * r['p50_ms']:.1f}", f"{1e3 * r['p90_ms']:.1f}",
+        emulated = " (emulated)" if r.get("timing_note") else ""
+        table.add_row(*head, accuracy, f"{1e3 * r['p50_ms']:.1f}{emulated}", f"{1e3 * r['p90_ms']:.1f}",
                       f"{r['bytes'] / 1024:.1f}", f"{r['peak_rss_mb']:.1f}", str(r["sparse_layers"]))
     out.print(table)
     for note in notes:
-        out.print(f"[dim]skipped {note}")
-    out.print(f"wrote {output / 'pareto.png'}")
+        out.print(note, style="dim", markup=False, highlight=False)
+    out.print(f"wrote {output / plots}")
 
 
 @app.command()
