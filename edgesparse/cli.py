@@ -47,6 +47,8 @@ def export(
     act_finetune_steps: Optional[int] = typer.Option(None, "--act-finetune-steps", help="recovery fine-tune steps with the thresholds in place (0 = none)"),
     moe_offload: bool = typer.Option(False, "--moe-offload", help="MoE models: export the backbone plus one memory-mappable blob per expert, for the on-demand expert runtime"),
     expert_budget: float = typer.Option(0.25, "--expert-budget", help="with --moe-offload: the runtime's default fraction of expert bytes kept resident"),
+    target: Optional[str] = typer.Option(None, "--target", help="decide sparse or dense per layer with a crossover table: "
+                                         "TABLE.json, or a device spec whose table `bench kernels --device` measured"),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="output folder"),
 ):
     """Compress MODEL and write verified artifacts plus manifest.json to the output folder."""
@@ -63,7 +65,16 @@ def export(
     if base is None and finetune_steps is None and model.startswith("demo:"):
         finetune_steps = 300 if (prune or 0) > 0 or (pattern or "").startswith("nm") else 0
     resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps, act_sparsity, act_method, act_finetune_steps)
-    record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage)
+    import contextlib
+
+    decide = contextlib.nullcontext()
+    if target is not None:
+        from edgesparse.runtime_kernels.crossover import use_table
+        from edgesparse.targets import resolve
+
+        decide = use_table(*resolve(target))
+    with decide:
+        record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage)
     print_export_summary(record, output)
     if not all(a["verified"] for a in record["artifacts"]):
         raise EdgesparseError("an artifact failed verification against torch (see manifest.json)")
@@ -313,6 +324,8 @@ def bench_kernels_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON here"),
     crossover_out: Optional[Path] = typer.Option(None, "--crossover", help="write the sparse/dense crossover table here (export reads runtime_kernels/crossover.json)"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the results as markdown tables here"),
+    device: Optional[str] = typer.Option(None, "--device", help="measure the crossovers for this device and write its "
+                                         "table (named after it; `export --target DEVICE` reads it)"),
 ):
     """Sparse kernels vs dense XNNPACK (fp32, int8) and ONNX Runtime, one layer at a time."""
     from edgesparse import runtime_kernels
@@ -321,6 +334,17 @@ def bench_kernels_cmd(
 
     if not runtime_kernels.available():
         raise EdgesparseError("the sparse kernels are not built", hint="run `make kernels`")
+    if device is not None:
+        from edgesparse.targets import measure_local, table_path
+
+        table = measure_local(device, quick, threads)
+        path = crossover_out or table_path(device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, table)
+        decided = sum(e["min_sparsity"] is not None for e in table["table"])
+        out.print(f"{device}: {table['machine']}, {table['cpu']}, {threads} thread{'s' if threads > 1 else ''}: "
+                  f"{len(table['table'])} shapes ({decided} where our kernel wins from some sparsity); wrote {path}")
+        return
     rows = bench_kernels(quick=quick, threads=threads)
     if not rows:
         raise EdgesparseError("no benchmark cases ran")
@@ -347,6 +371,35 @@ def bench_kernels_cmd(
 
         write_bytes_atomic(markdown_out, to_markdown(rows).encode())
         out.print(f"wrote {markdown_out}")
+
+
+@bench_app.command("fleet")
+def bench_fleet_cmd(
+    model: str = typer.Argument("demo:digits-cnn"),
+    devices: str = typer.Option(..., "--devices", help="device specs, comma-separated"),
+    prune: str = typer.Option("0,0.5,0.8,0.9", "--prune"),
+    quant: str = typer.Option("none,int8", "--quant"),
+    fmt: str = typer.Option("pte", "--format"),
+    runs: int = typer.Option(100, "--runs"),
+    finetune_steps: int = typer.Option(0, "--finetune-steps"),
+    ray_address: str = typer.Option("local", "--ray"),
+    output: Path = typer.Option(Path("bench-fleet"), "-o", "--output"),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Wall time: today's sequential sweep (once per device) vs the fleet sweep over the same cells."""
+    from edgesparse._io import write_json_atomic
+    from edgesparse.devices.sweep import parse_grid
+    from edgesparse.fleet import bench_fleet
+
+    result = bench_fleet(model, parse_grid(prune, float), parse_grid(quant, str), parse_grid(fmt, str),
+                         parse_grid(devices, str), output, address=ray_address, runs=runs, finetune_steps=finetune_steps,
+                         log=lambda line: out_err.print(line, markup=False, highlight=False))
+    out.print(f"{result['cells']} cells on {len(result['devices'])} devices ({result['failed']} failed): sequential "
+              f"{result['sequential_s']:.1f} s, fleet {result['fleet_s']:.1f} s, ratio {result['ratio']:.2f} "
+              f"({result['cpus']} CPUs)")
+    if json_out:
+        write_json_atomic(json_out, result)
+        out.print(f"wrote {json_out}")
 
 
 @bench_app.command("actsparse")

@@ -240,3 +240,29 @@ def _run(ray, model, variants, devices, done, out, results, pattern, runs, warmu
             pending[ref] = row
         drain(block=False)
     drain(block=True)
+
+
+def bench_fleet(model: str, prunes: list[float], quants: list[str], formats: list[str], devices: list[str], out: Path,
+                address: str = "local", runs: int = 100, finetune_steps: int = 0, log=print) -> dict:
+    """`edgesparse bench fleet`: wall time of today's sequential sweep (`sweep` once per device, one
+    cell at a time) against the fleet sweep over the same cells, each into a fresh folder."""
+    import shutil
+
+    from edgesparse.devices.sweep import sweep
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("sequential", "fleet"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    started = time.perf_counter()
+    for index, device in enumerate(devices):
+        log(f"sequential: {device}")
+        sweep(model, prunes, quants, formats, device, out / "sequential" / str(index), runs=runs, finetune_steps=finetune_steps)
+    sequential = time.perf_counter() - started
+    log("fleet")
+    started = time.perf_counter()
+    rows = fleet_sweep(model, prunes, quants, formats, devices, out / "fleet", address=address, runs=runs,
+                       finetune_steps=finetune_steps, log=log)
+    fleet = time.perf_counter() - started
+    return {"model": model, "devices": devices, "cells": len(rows), "failed": sum("failed" in r for r in rows),
+            "sequential_s": round(sequential, 1), "fleet_s": round(fleet, 1), "ratio": round(fleet / sequential, 3),
+            "cpus": os.cpu_count(), "note": "wall times on a shared machine; the fleet time includes starting Ray"}

@@ -73,6 +73,7 @@ def listening_here() -> list[str]:
     return [line.split()[3] for line in listening if {int(p) for p in re.findall(r"pid=(\d+)", line)} & mine]
 
 
+@pytest.mark.slow  # two Ray start-ups, an export and a profile
 def test_an_unreachable_device_fails_its_cells_and_a_rerun_retries_only_them(tmp_path):
     from edgesparse.fleet import fleet_key, fleet_sweep
 
