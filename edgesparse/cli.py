@@ -335,15 +335,17 @@ def bench_kernels_cmd(
     if not runtime_kernels.available():
         raise EdgesparseError("the sparse kernels are not built", hint="run `make kernels`")
     if device is not None:
-        from edgesparse.targets import measure_local, table_path
+        from edgesparse.targets import measure, table_path
 
-        table = measure_local(device, quick, threads)
+        table = measure(device, quick, threads)
         path = crossover_out or table_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, table)
         decided = sum(e["min_sparsity"] is not None for e in table["table"])
-        out.print(f"{device}: {table['machine']}, {table['cpu']}, {threads} thread{'s' if threads > 1 else ''}: "
+        out.print(f"{device}: {table['machine']}, {table['cpu']}, {table['threads']} thread(s) (as the runtime used): "
                   f"{len(table['table'])} shapes ({decided} where our kernel wins from some sparsity); wrote {path}")
+        if table.get("timing_note"):
+            out.print(f"note: {table['timing_note']}")
         return
     rows = bench_kernels(quick=quick, threads=threads)
     if not rows:
