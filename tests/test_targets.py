@@ -72,3 +72,31 @@ def test_bench_kernels_on_the_device_writes_its_table_and_export_uses_it(tmp_pat
     layers = json.loads((tmp_path / "out" / "manifest.json").read_text())["layers"]
     decided = [layer for layer in layers if "measured at" in layer["reason"] or "default threshold" in layer["reason"]]
     assert decided and all("in local.json" in layer["reason"] for layer in decided)
+
+
+@pytest.mark.slow
+def test_bench_kernels_on_the_emulated_arm64_device_writes_a_flagged_table_and_export_uses_it(tmp_path):
+    """qemu-aarch64: edgesparse_kernel_bench pushed with its libraries, our kernels and dense
+    XNNPACK timed in one process there; the table records aarch64, the runtime's thread count and
+    that its timings are emulated (the flow and the file are what this checks, not a speed)."""
+    from edgesparse import runtime_kernels
+
+    if not (runtime_kernels.ARM_BUILD_DIR / "edgesparse_kernel_bench").is_file():
+        if __import__("os").environ.get("CI"):
+            pytest.fail("CI must build the aarch64 runner (make arm-runner)")
+        pytest.skip("the aarch64 kernel bench is not built (make arm-runner)")
+    cache = tmp_path / "cache"
+    result = cli("bench", "kernels", "--device", "qemu-aarch64", "--quick", env_cache=cache)
+    assert result.returncode == 0, result.stderr
+    table = json.loads((cache / "crossover" / "qemu-aarch64.json").read_text())
+    assert table["machine"] == "aarch64" and table["emulated"] and "not a speed" in table["timing_note"]
+    assert table["threads"] >= 1 and table["device"] == "qemu-aarch64" and table["cpu"]
+    assert {(e["op"], e["pattern"]) for e in table["table"]} == {(op, p) for op in ("linear", "conv1x1")
+                                                                  for p in ("block:4x1", "block:1x4")}
+    assert all(r["ours_ms"] > 0 and r["baseline_ms"] > 0 for r in table["rows"])
+    result = cli("export", "demo:digits-cnn", "--prune", "0.9", "--pattern", "block:4x1", "--finetune-steps", "0",
+                 "--target", "qemu-aarch64", "-o", str(tmp_path / "out"), env_cache=cache)
+    assert result.returncode == 0, result.stderr
+    layers = json.loads((tmp_path / "out" / "manifest.json").read_text())["layers"]
+    decided = [layer for layer in layers if "measured at" in layer["reason"] or "default threshold" in layer["reason"]]
+    assert decided and all("in qemu-aarch64.json (emulated timings, not a speed)" in layer["reason"] for layer in decided)
