@@ -157,7 +157,7 @@ def fleet_sweep(model: str, prunes: list[float], quants: list[str], formats: lis
                 finetune_steps: int = 300, log=print) -> list[dict]:
     """Export each variant once, profile it on every device as Ray tasks, record each cell once."""
     from edgesparse.devices import parse_device
-    from edgesparse.devices.sweep import append_row, cell_key, plot_pareto, read_rows
+    from edgesparse.devices.sweep import cell_key, plot_pareto, read_rows
     from edgesparse.pipeline import parse_formats
 
     ray = import_ray()
@@ -174,9 +174,12 @@ def fleet_sweep(model: str, prunes: list[float], quants: list[str], formats: lis
     variants = [(p, q, f) for p in prunes for q in quants for f in formats]
     keys = {fleet_key(cell_key(*v), d) for v in variants for d in devices}
     if keys - done:
+        from edgesparse.models import load_model
+
+        bundle = load_model(model)  # a bad model spec fails here, in one line, before Ray starts
         started_here = connect(ray, address, devices)
         try:
-            _run(ray, model, variants, devices, done, out, results, pattern, runs, warmup, finetune_steps, log)
+            _run(ray, bundle, variants, devices, done, out, results, pattern, runs, warmup, finetune_steps, log)
         finally:
             if started_here:
                 ray.shutdown()
@@ -187,9 +190,8 @@ def fleet_sweep(model: str, prunes: list[float], quants: list[str], formats: lis
     return rows
 
 
-def _run(ray, model, variants, devices, done, out, results, pattern, runs, warmup, finetune_steps, log) -> None:
+def _run(ray, bundle, variants, devices, done, out, results, pattern, runs, warmup, finetune_steps, log) -> None:
     from edgesparse.devices.sweep import append_row, cell_key
-    from edgesparse.models import load_model
     from edgesparse.pipeline import export_model, recipe_from_options
 
     task = ray.remote(num_cpus=0, max_retries=0)(profile_cell)
@@ -211,7 +213,6 @@ def _run(ray, model, variants, devices, done, out, results, pattern, runs, warmu
                 return
             record(ready[0], pending.pop(ready[0]))
 
-    bundle = None
     for prune, quant, fmt in variants:
         cell = cell_key(prune, quant, fmt)
         need = [d for d in devices if fleet_key(cell, d) not in done]
@@ -220,7 +221,6 @@ def _run(ray, model, variants, devices, done, out, results, pattern, runs, warmu
         base = {"prune": prune, "quant": quant, "format": fmt, "pattern": pattern, "cell": cell}
         folder = out / f"prune{prune:g}-{quant}" / fmt
         try:
-            bundle = bundle or load_model(model)
             recipe = recipe_from_options(None, prune, pattern if prune > 0 else None, quant,
                                          finetune_steps if prune > 0 else 0)
             record_ = export_model(bundle, recipe, folder, formats=[fmt])
