@@ -100,6 +100,9 @@ def test_an_unreachable_device_fails_its_cells_and_a_rerun_retries_only_them(tmp
     assert again[fleet_key("prune0-none-pte", "local")] == ok and "failed" in again[fleet_key("prune0-none-pte", dead)]
 
 
+GRID = ([0.0, 0.5, 0.8, 0.9], ["none", "int8"])  # 8 variants x 3 devices = 24 cells
+
+
 @pytest.mark.slow
 def test_fleet_of_three_devices_survives_a_device_killed_mid_sweep(tmp_path):
     """3 devices x 8 variants on a private Ray on 127.0.0.1; the ssh board's sshd is killed once the
@@ -128,7 +131,7 @@ def test_fleet_of_three_devices_survives_a_device_killed_mid_sweep(tmp_path):
     watcher = threading.Thread(target=kill_after_first_rows, daemon=True)
     watcher.start()
     try:
-        prunes, quants = [0.0, 0.5, 0.8, 0.9], ["none", "int8"]
+        prunes, quants = GRID
         fleet_sweep("demo:digits-cnn", prunes, quants, ["pte"], devices, out, runs=5, warmup=1, finetune_steps=0,
                     log=lambda line: None)
     finally:
@@ -136,6 +139,7 @@ def test_fleet_of_three_devices_survives_a_device_killed_mid_sweep(tmp_path):
         stop(sshd.process)
     rows = keys_once(out)
     cells = [f"prune{p:g}-{q}-pte" for p in prunes for q in quants]
+    assert len(cells) * len(devices) == len(rows)
     assert set(rows) == {fleet_key(c, d) for c in cells for d in devices}
     for cell in cells:
         local, emulated = rows[fleet_key(cell, "local")], rows[fleet_key(cell, devices[2])]
