@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 KERNELS := runtime_kernels/build/libedgesparse_et.so
 KERNEL_SOURCES := $(shell find runtime_kernels -path 'runtime_kernels/build*' -prune -o \( -name '*.c' -o -name '*.h' -o -name '*.inc' -o -name '*.cpp' -o -name CMakeLists.txt \) -print)
 
-.PHONY: demo test install kernels arm-toolchain arm-runner android-bench arm64-rootfs device-lab fashion-mnist clean
+.PHONY: demo test install kernels arm-toolchain arm-runner android-bench arm64-rootfs device-lab chromium fashion-mnist clean
 
 install: $(STAMP)
 
@@ -89,10 +89,18 @@ device-lab:
 		|| echo "note: could not install openssh-server and adb; the ssh / adb device tests will be skipped"; \
 	else echo "note: install openssh-server and adb to run the ssh / adb device tests"; fi
 
+# Headless Chromium: the report test loads the page in it (console errors, screenshot).
+chromium:
+	@if command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+		|| echo "note: could not install chromium; the report's browser test will be skipped"; \
+	else echo "note: install chromium to run the report's browser test"; fi
+
 demo: $(KERNELS)
 	$(VENV)/bin/edgesparse demo
 
-test: $(KERNELS) arm-toolchain device-lab
+test: $(KERNELS) arm-toolchain device-lab chromium
 	-@$(MAKE) --no-print-directory arm-runner >/dev/null || echo "note: could not build the aarch64 runner; the emulated-device tests will be skipped"
 	-@$(MAKE) --no-print-directory android-bench >/dev/null || echo "note: could not build the Android runner bundle; its tests will be skipped"
 	-@$(MAKE) --no-print-directory arm64-rootfs || echo "note: could not build the arm64 rootfs; the arm64 board test will be skipped"

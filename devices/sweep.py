@@ -2,7 +2,7 @@
 
 Each cell (prune, quant, format) is exported, verified and profiled on the device (quick mode: at
 least 1 s of timed runs, so one slow moment cannot decide a cell); its row is
-appended to OUT/results.jsonl the moment it is done, so a rerun skips finished cells (an
+appended to OUT/results.jsonl the moment it is done (the full profile beside the cell's manifest), so a rerun skips finished cells (an
 interrupted sweep loses at most the cell in flight). The table and OUT/pareto.png (latency vs
 accuracy, marker area by file size) are rebuilt from the JSONL at the end.
 """
@@ -79,6 +79,7 @@ def sweep(model: str, prunes: list[float], quants: list[str], formats: list[str]
 def run_cell(bundle, prune: float, quant: str, formats: list[str], pattern: str, device: str, out: Path, runs: int,
              warmup: int, results: Path, finetune_steps: int) -> None:
     """Export and profile one (prune, quant) for each format; append one row per format."""
+    from edgesparse._io import write_json_atomic
     from edgesparse.devices import profile
     from edgesparse.pipeline import export_model, recipe_from_options
 
@@ -91,8 +92,10 @@ def run_cell(bundle, prune: float, quant: str, formats: list[str], pattern: str,
             record = export_model(bundle, recipe, folder / fmt, formats=[fmt])
             artifact = record["artifacts"][0]
             result = profile(folder / fmt / artifact["path"], device, mode="quick", runs=runs, warmup=warmup)
+            write_json_atomic(folder / fmt / "profile.json", result)  # the full record, for `report` and `compare`
             row.update(bytes=artifact["bytes"], accuracy=artifact.get("accuracy", record["metrics"].get("accuracy_compressed")),
                        p50_ms=result["p50_ms"], p90_ms=result["p90_ms"], peak_rss_mb=result["peak_rss_mb"],
+                       std_ms=result["std_ms"], count=result["count"],  # the median's noise band (compare)
                        runtime=result["runtime"], sparse_layers=sum(layer["kernel"] != "dense-xnnpack" for layer in record["layers"]))
         except EdgesparseError as exc:  # e.g. int8 ONNX is not supported yet: a row that says so
             row["skipped"] = exc.message

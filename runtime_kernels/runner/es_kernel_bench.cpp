@@ -26,14 +26,7 @@
 #include <string>
 #include <vector>
 
-// The wheel ships libexecutorch_threadpool but not its header: the one call we need, declared.
-namespace executorch::extension::threadpool {
-class ThreadPool {
- public:
-  size_t get_thread_count() const;
-};
-ThreadPool* get_threadpool();
-}  // namespace executorch::extension::threadpool
+#include "../include/edgesparse/et_threadpool.h"  // the wheel ships the pool, not its header
 
 using executorch::extension::FileDataLoader;
 using namespace executorch::runtime;
