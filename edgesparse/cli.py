@@ -48,6 +48,8 @@ def export(
     act_finetune_steps: Optional[int] = typer.Option(None, "--act-finetune-steps", help="recovery fine-tune steps with the thresholds in place (0 = none)"),
     moe_offload: bool = typer.Option(False, "--moe-offload", help="MoE models: export the backbone plus one memory-mappable blob per expert, for the on-demand expert runtime"),
     expert_budget: float = typer.Option(0.25, "--expert-budget", help="with --moe-offload: the runtime's default fraction of expert bytes kept resident"),
+    target: Optional[str] = typer.Option(None, "--target", help="decide sparse or dense per layer with a crossover table: "
+                                         "TABLE.json, or a device spec whose table `bench kernels --device` measured"),
     output: Path = typer.Option(Path("out"), "-o", "--output", help="output folder"),
 ):
     """Compress MODEL and write verified artifacts plus manifest.json to the output folder."""
@@ -66,7 +68,16 @@ def export(
     if base is None and finetune_steps is None and model.startswith("demo:"):
         finetune_steps = 300 if (prune or 0) > 0 or (pattern or "").startswith("nm") else 0
     resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps, act_sparsity, act_method, act_finetune_steps)
-    record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage, tflite_ops=tflite_ops)
+    import contextlib
+
+    decide = contextlib.nullcontext()
+    if target is not None:
+        from edgesparse.runtime_kernels.crossover import use_table
+        from edgesparse.targets import resolve
+
+        decide = use_table(*resolve(target))
+    with decide:
+        record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage, tflite_ops=tflite_ops)
     print_export_summary(record, output)
     if not all(a["verified"] for a in record["artifacts"]):
         raise EdgesparseError("an artifact failed verification against torch (see manifest.json)")
@@ -232,28 +243,46 @@ def sweep(
     runs: int = typer.Option(100, "--runs"),
     finetune_steps: int = typer.Option(300, "--finetune-steps", help="gradual pruning steps per pruned cell (built-in demos)"),
     output: Path = typer.Option(Path("sweep"), "-o", "--output", help="folder: results.jsonl (resumable), pareto.png, cells"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="a fleet: device specs, comma-separated; each "
+                                          "(variant, device) cell is a Ray task, one profile per device at a time"),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="`local` (a private Ray on 127.0.0.1, the default "
+                                              "with --devices) or HOST:PORT of a running Ray head"),
 ):
     """Export + profile every (prune, quant, format) cell; a rerun skips finished cells."""
     from edgesparse.devices.sweep import parse_grid, sweep as run_sweep
 
-    rows = run_sweep(model, parse_grid(prune, float), parse_grid(quant, str), parse_grid(fmt, str), device, output,
-                     pattern=pattern, runs=runs, finetune_steps=finetune_steps)
-    table = Table(title=f"{model} sweep on {device} ({output / 'results.jsonl'})")
-    for col in ("prune", "quant", "format", "accuracy", "p50 us", "p90 us", "size KiB", "peak RSS MB", "sparse layers"):
+    grid = parse_grid(prune, float), parse_grid(quant, str), parse_grid(fmt, str)
+    if devices is not None or ray_address is not None:
+        from edgesparse.fleet import fleet_sweep
+
+        fleet = parse_grid(devices, str) if devices is not None else [device]
+        rows = fleet_sweep(model, *grid, fleet, output, address=ray_address or "local", pattern=pattern, runs=runs,
+                           finetune_steps=finetune_steps, log=lambda line: out_err.print(line, markup=False, highlight=False))
+        where, plots = ", ".join(fleet), "pareto-*.png"
+    else:
+        rows = run_sweep(model, *grid, device, output, pattern=pattern, runs=runs, finetune_steps=finetune_steps)
+        where, plots = device, "pareto.png"
+    table = Table(title=f"{model} sweep on {where} ({output / 'results.jsonl'})")
+    fleet_columns = devices is not None or ray_address is not None
+    for col in ("prune", "quant", "format", *(("device",) if fleet_columns else ()), "accuracy", "p50 us", "p90 us",
+                "size KiB", "peak RSS MB", "sparse layers"):
         table.add_column(col, justify="right")
     notes = []
     for r in rows:
-        if "skipped" in r:
-            table.add_row(f"{r['prune']:g}", r["quant"], r["format"], "[dim]skipped", "", "", "", "", "")
-            notes.append(f"prune {r['prune']:g} / {r['quant']} / {r['format']}: {r['skipped']}")
+        head = [f"{r['prune']:g}", r["quant"], r["format"], *((r["device"],) if fleet_columns else ())]
+        if "skipped" in r or "failed" in r:
+            what = "skipped" if "skipped" in r else "failed"
+            table.add_row(*head, f"[dim]{what}", "", "", "", "", "")
+            notes.append(f"{what} {' / '.join(head)}: {r[what]}")
             continue
         accuracy = f"{100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
-        table.add_row(f"{r['prune']:g}", r["quant"], r["format"], accuracy, f"{1e3 * r['p50_ms']:.1f}", f"{1e3 * r['p90_ms']:.1f}",
+        emulated = " (emulated)" if r.get("timing_note") else ""
+        table.add_row(*head, accuracy, f"{1e3 * r['p50_ms']:.1f}{emulated}", f"{1e3 * r['p90_ms']:.1f}",
                       f"{r['bytes'] / 1024:.1f}", f"{r['peak_rss_mb']:.1f}", str(r["sparse_layers"]))
     out.print(table)
     for note in notes:
-        out.print(f"[dim]skipped {note}")
-    out.print(f"wrote {output / 'pareto.png'}")
+        out.print(note, style="dim", markup=False, highlight=False)
+    out.print(f"wrote {output / plots}")
 
 
 @app.command()
@@ -317,6 +346,8 @@ def bench_kernels_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON here"),
     crossover_out: Optional[Path] = typer.Option(None, "--crossover", help="write the sparse/dense crossover table here (export reads runtime_kernels/crossover.json)"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="write the results as markdown tables here"),
+    device: Optional[str] = typer.Option(None, "--device", help="measure the crossovers for this device and write its "
+                                         "table (named after it; `export --target DEVICE` reads it)"),
 ):
     """Sparse kernels vs dense XNNPACK (fp32, int8) and ONNX Runtime, one layer at a time."""
     from edgesparse import runtime_kernels
@@ -325,6 +356,19 @@ def bench_kernels_cmd(
 
     if not runtime_kernels.available():
         raise EdgesparseError("the sparse kernels are not built", hint="run `make kernels`")
+    if device is not None:
+        from edgesparse.targets import measure, table_path
+
+        table = measure(device, quick, threads)
+        path = crossover_out or table_path(device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, table)
+        decided = sum(e["min_sparsity"] is not None for e in table["table"])
+        out.print(f"{device}: {table['machine']}, {table['cpu']}, {table['threads']} thread(s) (as the runtime used): "
+                  f"{len(table['table'])} shapes ({decided} where our kernel wins from some sparsity); wrote {path}")
+        if table.get("timing_note"):
+            out.print(f"note: {table['timing_note']}")
+        return
     rows = bench_kernels(quick=quick, threads=threads)
     if not rows:
         raise EdgesparseError("no benchmark cases ran")
@@ -351,6 +395,35 @@ def bench_kernels_cmd(
 
         write_bytes_atomic(markdown_out, to_markdown(rows).encode())
         out.print(f"wrote {markdown_out}")
+
+
+@bench_app.command("fleet")
+def bench_fleet_cmd(
+    model: str = typer.Argument("demo:digits-cnn"),
+    devices: str = typer.Option(..., "--devices", help="device specs, comma-separated"),
+    prune: str = typer.Option("0,0.5,0.8,0.9", "--prune"),
+    quant: str = typer.Option("none,int8", "--quant"),
+    fmt: str = typer.Option("pte", "--format"),
+    runs: int = typer.Option(100, "--runs"),
+    finetune_steps: int = typer.Option(0, "--finetune-steps"),
+    ray_address: str = typer.Option("local", "--ray"),
+    output: Path = typer.Option(Path("bench-fleet"), "-o", "--output"),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Wall time: today's sequential sweep (once per device) vs the fleet sweep over the same cells."""
+    from edgesparse._io import write_json_atomic
+    from edgesparse.devices.sweep import parse_grid
+    from edgesparse.fleet import bench_fleet
+
+    result = bench_fleet(model, parse_grid(prune, float), parse_grid(quant, str), parse_grid(fmt, str),
+                         parse_grid(devices, str), output, address=ray_address, runs=runs, finetune_steps=finetune_steps,
+                         log=lambda line: out_err.print(line, markup=False, highlight=False))
+    out.print(f"{result['cells']} cells on {len(result['devices'])} devices ({result['failed']} failed): sequential "
+              f"{result['sequential_s']:.1f} s, fleet {result['fleet_s']:.1f} s, ratio {result['ratio']:.2f} "
+              f"({result['cpus']} CPUs)")
+    if json_out:
+        write_json_atomic(json_out, result)
+        out.print(f"wrote {json_out}")
 
 
 @bench_app.command("actsparse")
