@@ -15,6 +15,8 @@ Both are sequential: layers are pruned group by group in execution order (a grou
 of a ModuleList, e.g. a transformer block, or a lone layer), and each group's inputs are recomputed
 by a forward pass through the already-pruned groups before it. Which layers are pruned, and to
 which pattern, is `prune.plan_layers`' decision, exactly as for magnitude pruning (the `Pruner`).
+A layer that never runs on the calibration inputs (an expert no token was routed to) has no
+statistics and is pruned by magnitude.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from edgesparse import _progress
 from edgesparse.errors import EdgesparseError
 from edgesparse.layers import Layer
-from edgesparse.patterns import block_mask, nm_mask
+from edgesparse.patterns import block_mask, make_mask, nm_mask
 from edgesparse.recipe import Pattern
 
 BLOCKSIZE = 128  # SparseGPT's column block (the paper's and reference code's default)
@@ -88,22 +90,110 @@ def prune_calibrated(model: nn.Module, active: list[tuple[Layer, object]], metho
         if layer.kind == "conv" and layer.groups != 1 or not isinstance(layer.owner, (nn.Linear, nn.Conv2d)):
             raise EdgesparseError(f"--prune-method {method} works on nn.Linear and ungrouped nn.Conv2d layers; "
                                   f"{layer.name!r} is not one", hint="use --prune-method magnitude")
-    order = _execution_order(model, active, data[0])
+    order, idle = _execution_order(model, active, data[0])
+    for layer, plan in idle:  # never ran on the calibration inputs (e.g. an unrouted expert): no
+        # statistics to weigh the weights with, so they are chosen by magnitude
+        weight = _matrix(layer)
+        _write(layer, weight, make_mask(weight, Pattern.parse(plan.pattern), plan.target_sparsity))
+    if idle:
+        _progress.console.print(f"[yellow]{len(idle)} layers never ran on the calibration inputs (e.g. {idle[0][0].name}): pruned by magnitude")
     groups: dict[str, list] = {}
     for layer, plan in order:
         groups.setdefault(group_key(layer.name), []).append((layer, plan))
+    full = method == "sparsegpt"
+    keys = list(groups)
     with torch.no_grad(), _progress.bar(f"{method} pruning ({len(data)} calibration batches)", len(groups)) as advance:
-        for members in groups.values():
-            stats = _collect(model, [layer for layer, _ in members], data, full=method == "sparsegpt")
-            for layer, plan in members:
-                pattern = Pattern.parse(plan.pattern)
-                stat = stats[layer.name]
-                if method == "wanda":
-                    weight, mask = wanda(_matrix(layer), stat.sq, pattern, plan.target_sparsity)
-                else:
-                    weight, mask = sparsegpt(_matrix(layer), stat.xtx / max(stat.tokens, 1), pattern, plan.target_sparsity)
-                _write(layer, weight, mask)
+        i = 0
+        while i < len(keys):
+            run = _block_run(model, keys[i:])
+            # a stack of blocks: capture the first one's inputs once, then block by block
+            if len(run) > 1 and _prune_stack(model, [(model.get_submodule(key), groups[key]) for key in run], data, method, full, advance):
+                i += len(run)
+                continue
+            members = groups[keys[i]]
+            stats = _collect(model, [layer for layer, _ in members], data, full)
+            _prune_members(members, stats, method)
             advance()
+            i += 1
+
+
+def _prune_members(members: list, stats: dict, method: str) -> None:
+    for layer, plan in members:
+        pattern = Pattern.parse(plan.pattern)
+        stat = stats[layer.name]
+        if method == "wanda":
+            weight, mask = wanda(_matrix(layer), stat.sq, pattern, plan.target_sparsity)
+        else:
+            weight, mask = sparsegpt(_matrix(layer), stat.xtx / max(stat.tokens, 1), pattern, plan.target_sparsity)
+        _write(layer, weight, mask)
+
+
+def _block_run(model: nn.Module, keys: list[str]) -> list[str]:
+    """The leading keys that name consecutive elements of one ModuleList (`model.layers.3`,
+    `model.layers.4`, ...): a stack of blocks that transformers-style models apply in sequence."""
+    run = []
+    for key in keys:
+        parent, _, index = key.rpartition(".")
+        if not index.isdigit() or not isinstance(model.get_submodule(parent) if parent else model, nn.ModuleList):
+            break
+        if run and (parent != run[-1].rpartition(".")[0] or int(index) != int(run[-1].rpartition(".")[2]) + 1):
+            break
+        run.append(key)
+    return run
+
+
+def _no_cache(kwargs: dict) -> dict:
+    """A block's keyword inputs without a KV cache (each block is run more than once here)."""
+    out = {}
+    for key, value in kwargs.items():
+        if any(cls.__name__.endswith("Cache") for cls in type(value).__mro__):
+            value = None
+        elif key == "use_cache":
+            value = False
+        out[key] = value
+    return out
+
+
+def _prune_stack(model: nn.Module, blocks: list, data: list[tuple], method: str, full: bool, advance) -> bool:
+    """Sequential pruning of a stack of blocks, each run on its own: the first block's inputs
+    (hidden states plus keyword inputs such as the attention mask and rotary embeddings) are
+    captured once; each block's output on the pruned block is the next block's input."""
+    inputs = []
+
+    def catch(_module, args, kwargs):
+        inputs.append((args, _no_cache(kwargs)))
+        raise _Stop
+
+    handle = blocks[0][0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in data:
+            try:
+                model(*batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if not all(args and isinstance(args[0], torch.Tensor) for args, _ in inputs):
+        return False  # hidden states not passed positionally: use the generic path
+    for block, members in blocks:
+        stats = {layer.name: _Stats(layer, full) for layer, _ in members}
+        hooks = [layer.owner.register_forward_pre_hook(lambda m, args, layer=layer: stats[layer.name].add(args[0]))
+                 for layer, _ in members]
+        try:
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        _prune_members(members, stats, method)
+        outputs = []
+        for args, kwargs in inputs:
+            out = block(*args, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            outputs.append(((hidden,) + tuple(args[1:]), kwargs))
+        inputs = outputs
+        advance()
+    return True
 
 
 def _matrix(layer: Layer) -> torch.Tensor:
@@ -123,9 +213,9 @@ def _write(layer: Layer, weight: torch.Tensor, mask: torch.Tensor) -> None:
         owner.weight.copy_(weight)
 
 
-def _execution_order(model: nn.Module, active: list, batch: tuple) -> list:
-    """`active` sorted by when each layer first runs on a calibration batch (layers that never
-    run are refused: they could not be calibrated)."""
+def _execution_order(model: nn.Module, active: list, batch: tuple) -> tuple[list, list]:
+    """(`active` layers that run on a calibration batch, sorted by when each first runs; those
+    that never run)."""
     seen: dict[int, int] = {}
 
     def first_call(module, _args):  # returns None: a pre-hook's return value would replace the args
@@ -138,11 +228,8 @@ def _execution_order(model: nn.Module, active: list, batch: tuple) -> list:
     finally:
         for handle in hooks:
             handle.remove()
-    missing = [layer.name for layer, _ in active if id(layer.owner) not in seen]
-    if missing:
-        raise EdgesparseError(f"layer {missing[0]!r} never runs on the calibration inputs, so it cannot be calibrated",
-                              hint="exclude it in the recipe (prune.exclude) or use --prune-method magnitude")
-    return sorted(active, key=lambda item: seen[id(item[0].owner)])
+    ran = [item for item in active if id(item[0].owner) in seen]
+    return sorted(ran, key=lambda item: seen[id(item[0].owner)]), [item for item in active if id(item[0].owner) not in seen]
 
 
 def _collect(model: nn.Module, layers: list[Layer], data: list[tuple], full: bool) -> dict[str, _Stats]:

