@@ -59,7 +59,7 @@ def export_model(
     hook = bundle.finetune() if finetune and bundle.finetune and recipe.prune.schedule.steps else None
     result = compress(
         model, recipe, example_inputs=bundle.example_inputs,
-        calib=bundle.calib() if bundle.calib else None, finetune=hook,
+        calib=bundle.calib() if bundle.calib else None, finetune=hook, wrapped=bundle.export_wrapper is not None,
     )
     act_record = None
     if recipe.act_sparsity.active:
@@ -86,6 +86,7 @@ def export_model(
         swapped += act_record["kernel_layers"]
     layers = [plan.to_dict() for plan in result.layers]
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
+    record["prune_method"] = result.prune_method
     record["warnings"] = _warnings(recipe, result.layers, swapped, kernels)
     if act_record is not None:
         record["act_sparsity"] = act_record
@@ -184,7 +185,7 @@ def _rowwise(predict):
 
 def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str | None, quant: str | None, steps: int | None,
                         act_sparsity: float | None = None, act_method: str | None = None,
-                        act_finetune_steps: int | None = None) -> Recipe:
+                        act_finetune_steps: int | None = None, prune_method: str | None = None) -> Recipe:
     """CLI flags override the recipe file's values."""
     import dataclasses
 
@@ -195,6 +196,8 @@ def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str |
         changes["pattern"] = pattern
     if prune is not None:
         changes["sparsity"] = prune
+    if prune_method is not None:
+        changes["method"] = prune_method
     if changes:
         if "pattern" in changes and "sparsity" not in changes and changes["pattern"].startswith("nm"):
             changes["sparsity"] = 0.0

@@ -38,6 +38,8 @@ def assert_user_error(code, err, needle, out_dir=None):
     (["--quant", "int2"], "unknown quantization"),
     (["--act-sparsity", "1.2"], "act_sparsity.target"),
     (["--act-sparsity", "0.5", "--act-method", "relu"], "unknown activation-sparsity method"),
+    (["--prune", "0.5", "--prune-method", "obs"], "unknown prune method"),
+    (["--prune", "0.5", "--pattern", "channel", "--prune-method", "wanda"], "chooses weights, not channels"),
 ])
 def test_bad_options(tmp_path, capsys, monkeypatch, args, needle):
     out_dir = tmp_path / "out"
