@@ -55,20 +55,23 @@ def export_model(
     if bundle.evaluate:
         metrics[f"{metric}_dense"] = bundle.evaluate(_eager(set_training(bundle.model, False)))
     hook = bundle.finetune() if finetune and bundle.finetune and recipe.prune.schedule.steps else None
+    int8_act = _int8_act_sparsity(recipe, formats)
     result = compress(
-        model, recipe, example_inputs=bundle.example_inputs,
+        model, _without_quant(recipe) if int8_act else recipe, example_inputs=bundle.example_inputs,
         calib=bundle.calib() if bundle.calib else None, finetune=hook,
     )
     act_record = None
     if recipe.act_sparsity.active:
-        if recipe.quant.mode != "none":
-            raise EdgesparseError("activation sparsity runs on fp32 kernels: use --quant none with --act-sparsity")
         act_record = actsparse.sparsify(result.model, bundle, recipe.act_sparsity, finetune=finetune)
     if bundle.evaluate:
         # the quantized graph is specialized to the example batch size: score it row by row
         predict = _eager(result.model)
         rowwise = _batch_one(bundle) and not bundle.export_wrapper
         metrics[f"{metric}_compressed"] = bundle.evaluate(_rowwise(predict) if rowwise else predict)
+        if int8_act:  # the int8 act-sparse layers (eager ops); the other linears' int8 comes after the wrapper
+            int8_model = copy.deepcopy(result.model)
+            actsparse.to_kernels(int8_model, int8=True)
+            metrics[f"{metric}_int8_act_layers"] = bundle.evaluate(_eager(int8_model))
     if bundle.notes:
         metrics["eval_set"] = "; ".join(bundle.notes)
     pruned = copy.deepcopy(result.pruned)  # the swap below may work in place
@@ -80,8 +83,10 @@ def export_model(
             plan.batchnorm = folds.get(plan.name)
     swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs)
     if act_record is not None:  # `pruned` keeps the thresholded torch layers; the export model gets the ops
-        act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
+        act_record["kernel_layers"] = actsparse.to_kernels(export_model_, int8=int8_act) if kernels else 0
         swapped += act_record["kernel_layers"]
+        if int8_act:
+            act_record["kernels"] = sorted({m.kernel_name for m in export_model_.modules() if hasattr(m, "kernel_name")})
     layers = [plan.to_dict() for plan in result.layers]
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
     record["warnings"] = _warnings(recipe, result.layers, swapped, kernels)
@@ -91,6 +96,8 @@ def export_model(
     if bundle.export_wrapper:  # e.g. an LM: one decode step with a static KV cache
         export_model_, example_inputs, samples = bundle.export_wrapper(export_model_)
         pruned = bundle.export_wrapper(pruned)[0]
+    if int8_act:  # XNNPACK int8-dynamic on every layer our int8 ops do not run, captured through the wrapper
+        export_model_, record["quantization"] = _quantize_wrapped(export_model_, recipe, example_inputs)
     record["example_input_shapes"] = [list(t.shape) for t in example_inputs]
     if swapped:
         kernel_names = {plan.kernel for plan in result.layers if plan.kernel != "dense-xnnpack"}
@@ -108,6 +115,36 @@ def export_model(
         record["export_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(stage / "manifest.json", manifest_mod.validate(record))
     return record
+
+
+def _int8_act_sparsity(recipe: Recipe, formats: list[str]) -> bool:
+    """True for activation sparsity on int8 weights (--act-sparsity with --quant int8-dynamic): the
+    thresholded layers run our int8 act-sparse ops, the rest XNNPACK int8-dynamic, in a .pte."""
+    if not recipe.act_sparsity.active or recipe.quant.mode == "none":
+        return False
+    if recipe.quant.mode != "int8-dynamic":
+        raise EdgesparseError(f"activation sparsity runs on fp32 or int8-dynamic weights (got --quant {recipe.quant.mode})",
+                              hint="use --quant int8-dynamic or --quant none with --act-sparsity")
+    if formats != ["pte"]:
+        raise EdgesparseError("activation sparsity with --quant int8-dynamic exports .pte only (our int8 ops are ExecuTorch kernels here)",
+                              hint="use --format pte, or --quant none for .onnx")
+    return True
+
+
+def _without_quant(recipe: Recipe) -> Recipe:
+    import dataclasses
+
+    return dataclasses.replace(recipe, quant=dataclasses.replace(recipe.quant, mode="none"))
+
+
+def _quantize_wrapped(model, recipe: Recipe, example_inputs: tuple):
+    """PT2E int8-dynamic on the (wrapped) export model: XNNPACK's quantizer annotates the plain
+    linears; our edgesparse:: ops are left as they are (already int8)."""
+    from edgesparse.quantize import quantize
+
+    quantized, info = quantize(model, recipe.quant, example_inputs)
+    info["act_sparse_layers"] = "int8 per-channel symmetric weights in edgesparse::qs8_actsparse_* ops"
+    return quantized, info
 
 
 def _warnings(recipe: Recipe, plans: list, swapped: int, kernels: bool) -> list[str]:
