@@ -39,6 +39,7 @@ def export(
     prune: Optional[float] = typer.Option(None, "--prune", help="target sparsity in [0, 1), e.g. 0.9"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="unstructured | block:RxC | nm:N:M | channel"),
     quant: Optional[str] = typer.Option(None, "--quant", help="none | int8 | int8-dynamic | int4w"),
+    prune_method: Optional[str] = typer.Option(None, "--prune-method", help="magnitude | wanda | sparsegpt (calibrated one-shot; default: magnitude with a fine-tune, wanda for an all-linear model with calibration data and no fine-tune)"),
     fmt: str = typer.Option("pte", "--format", help="comma-separated formats: pte, onnx, tflite (tflite needs the [tflite] extra)"),
     onnx_sparse_storage: bool = typer.Option(False, "--onnx-sparse-storage", help="store mostly-zero ONNX initializers as sparse tensors (smaller file; ONNX Runtime densifies them at load)"),
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="gradual pruning over N fine-tune steps (built-in demos; 0 = one-shot)"),
@@ -61,8 +62,11 @@ def export(
     formats = parse_formats(fmt)  # fail on a bad format before loading anything
     base = Recipe.load(recipe) if recipe else None
     if base is None and finetune_steps is None and model.startswith("demo:"):
-        finetune_steps = 300 if (prune or 0) > 0 or (pattern or "").startswith("nm") else 0
-    resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps, act_sparsity, act_method, act_finetune_steps)
+        # gradual magnitude pruning needs the fine-tune; wanda / sparsegpt are one-shot unless asked
+        pruning = (prune or 0) > 0 or (pattern or "").startswith("nm")
+        finetune_steps = 300 if pruning and prune_method in (None, "auto", "magnitude") else 0
+    resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps, act_sparsity, act_method, act_finetune_steps,
+                                   prune_method=prune_method)
     record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage)
     print_export_summary(record, output)
     if not all(a["verified"] for a in record["artifacts"]):

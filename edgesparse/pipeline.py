@@ -22,6 +22,7 @@ from edgesparse.converters.sparse_swap import fold_batchnorm, has_kernels, swap_
 from edgesparse.errors import EdgesparseError
 from edgesparse.layers import set_training
 from edgesparse.models import ModelBundle, load_model
+from edgesparse.quantize import quantize
 from edgesparse.recipe import Recipe
 
 FORMATS = {"pte": export_pte, "onnx": export_onnx, "tflite": export_tflite}
@@ -58,20 +59,26 @@ def export_model(
     int8_act = _int8_act_sparsity(recipe, formats)
     result = compress(
         model, _without_quant(recipe) if int8_act else recipe, example_inputs=bundle.example_inputs,
-        calib=bundle.calib() if bundle.calib else None, finetune=hook,
+        calib=bundle.calib() if bundle.calib else None, finetune=hook, wrapped=bundle.export_wrapper is not None,
     )
     act_record = None
     if recipe.act_sparsity.active:
         act_record = actsparse.sparsify(result.model, bundle, recipe.act_sparsity, finetune=finetune)
+    if int8_act:  # thresholded layers -> our int8 ops, then the other linears int8-dynamic (XNNPACK)
+        if not runtime_kernels.register_with_exporter():
+            raise EdgesparseError("activation sparsity on int8 weights needs the edgesparse kernels", hint="run `make kernels`")
+        result.model = copy.deepcopy(result.model)  # result.pruned keeps the thresholded fp32 layers
+        act_record["kernel_layers"] = actsparse.to_kernels(result.model, int8=True)
+        result.model, result.quant = quantize(result.model, recipe.quant, bundle.example_inputs,
+                                              wrapped=bundle.export_wrapper is not None)
+        result.quant["act_sparse_layers"] = "edgesparse::qs8_actsparse_* ops: int8 per-channel symmetric weights"
+        for plan in result.layers:
+            plan.dtype = "int8"
     if bundle.evaluate:
         # the quantized graph is specialized to the example batch size: score it row by row
         predict = _eager(result.model)
         rowwise = _batch_one(bundle) and not bundle.export_wrapper
         metrics[f"{metric}_compressed"] = bundle.evaluate(_rowwise(predict) if rowwise else predict)
-        if int8_act:  # the int8 act-sparse layers (eager ops); the other linears' int8 comes after the wrapper
-            int8_model = copy.deepcopy(result.model)
-            actsparse.to_kernels(int8_model, int8=True)
-            metrics[f"{metric}_int8_act_layers"] = bundle.evaluate(_eager(int8_model))
     if bundle.notes:
         metrics["eval_set"] = "; ".join(bundle.notes)
     pruned = copy.deepcopy(result.pruned)  # the swap below may work in place
@@ -83,12 +90,14 @@ def export_model(
             plan.batchnorm = folds.get(plan.name)
     swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs)
     if act_record is not None:  # `pruned` keeps the thresholded torch layers; the export model gets the ops
-        act_record["kernel_layers"] = actsparse.to_kernels(export_model_, int8=int8_act) if kernels else 0
-        swapped += act_record["kernel_layers"]
-        if int8_act:
+        if not int8_act:
+            act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
+        else:
             act_record["kernels"] = sorted({m.kernel_name for m in export_model_.modules() if hasattr(m, "kernel_name")})
+        swapped += act_record["kernel_layers"]
     layers = [plan.to_dict() for plan in result.layers]
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
+    record["prune_method"] = result.prune_method
     record["warnings"] = _warnings(recipe, result.layers, swapped, kernels)
     if act_record is not None:
         record["act_sparsity"] = act_record
@@ -96,8 +105,6 @@ def export_model(
     if bundle.export_wrapper:  # e.g. an LM: one decode step with a static KV cache
         export_model_, example_inputs, samples = bundle.export_wrapper(export_model_)
         pruned = bundle.export_wrapper(pruned)[0]
-    if int8_act:  # XNNPACK int8-dynamic on every layer our int8 ops do not run, captured through the wrapper
-        export_model_, record["quantization"] = _quantize_wrapped(export_model_, recipe, example_inputs)
     record["example_input_shapes"] = [list(t.shape) for t in example_inputs]
     if swapped:
         kernel_names = {plan.kernel for plan in result.layers if plan.kernel != "dense-xnnpack"}
@@ -135,16 +142,6 @@ def _without_quant(recipe: Recipe) -> Recipe:
     import dataclasses
 
     return dataclasses.replace(recipe, quant=dataclasses.replace(recipe.quant, mode="none"))
-
-
-def _quantize_wrapped(model, recipe: Recipe, example_inputs: tuple):
-    """PT2E int8-dynamic on the (wrapped) export model: XNNPACK's quantizer annotates the plain
-    linears; our edgesparse:: ops are left as they are (already int8)."""
-    from edgesparse.quantize import quantize
-
-    quantized, info = quantize(model, recipe.quant, example_inputs)
-    info["act_sparse_layers"] = "int8 per-channel symmetric weights in edgesparse::qs8_actsparse_* ops"
-    return quantized, info
 
 
 def _warnings(recipe: Recipe, plans: list, swapped: int, kernels: bool) -> list[str]:
@@ -207,7 +204,7 @@ def _rowwise(predict):
 
 def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str | None, quant: str | None, steps: int | None,
                         act_sparsity: float | None = None, act_method: str | None = None,
-                        act_finetune_steps: int | None = None) -> Recipe:
+                        act_finetune_steps: int | None = None, prune_method: str | None = None) -> Recipe:
     """CLI flags override the recipe file's values."""
     import dataclasses
 
@@ -218,6 +215,8 @@ def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str |
         changes["pattern"] = pattern
     if prune is not None:
         changes["sparsity"] = prune
+    if prune_method is not None:
+        changes["method"] = prune_method
     if changes:
         if "pattern" in changes and "sparsity" not in changes and changes["pattern"].startswith("nm"):
             changes["sparsity"] = 0.0

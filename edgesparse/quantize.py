@@ -5,6 +5,15 @@ with ExecuTorch's XNNPACKQuantizer: per-channel int8 weights, per-tensor int8 ac
 int4w is torchao's 8da4w (int4 weights in groups, int8 dynamic activations) on linear layers.
 The result still runs in eager torch (as quantize/dequantize ops), which is how we measure the
 compressed model's accuracy before export.
+
+A model exported through a wrapper (an LM's decode step with a static KV cache) is quantized in
+eager torch on its linear layers (`wrapped=True`): int8-dynamic becomes torchao's 8da8w (per-channel
+int8 weights, per-token dynamic int8 activations), the scheme XNNPACK runs for a dynamically
+quantized linear. Per-token scaling makes a full-sequence forward compute exactly what the decode
+step computes token by token, so perplexity is measured on the model that is exported, and the
+wrapper captures the quantized modules like any others. (PT2E would have to capture the raw model,
+whose outputs hold a KV cache object, and quantizes activations per tensor: over a whole sequence
+that is a different model from the one-token decode step.)
 """
 
 from __future__ import annotations
@@ -34,9 +43,27 @@ def capture(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedPro
     except Exception as exc:
         first = first_line(exc)
         raise EdgesparseError(
-            f"torch.export could not capture the model: {type(exc).__name__}: {first}",
+            f"torch.export could not capture the model: {failing_module(model, exc)}: {type(exc).__name__}: {first}",
             hint="remove data-dependent control flow or export it yourself and pass the .pt2",
         ) from None
+
+
+def failing_module(model: nn.Module, exc: BaseException) -> str:
+    """Which module a capture failed in: the innermost frame of the traceback whose `self` is one
+    of the model's modules (non-strict capture runs their Python forward), else the model itself
+    (e.g. an output that is not a tensor)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = names[id(owner)]
+            found_type = type(owner).__name__
+        tb = tb.tb_next
+    if not found:
+        return f"in the model ({type(model).__name__})"
+    return f"in module {found!r} ({found_type})"
 
 
 def quantize(
@@ -45,12 +72,25 @@ def quantize(
     example_inputs: tuple,
     calib: Iterable[tuple] | None = None,
     progress: Callable[[Iterable, str, int], Iterable] | None = None,
+    wrapped: bool = False,
 ) -> tuple[nn.Module, dict]:
-    """Return (quantized model, info for the manifest). `model` is left untouched."""
+    """Return (quantized model, info for the manifest). `model` is left untouched. `wrapped`: the
+    model is exported through a wrapper (see the module docstring), so quantize it in eager torch."""
     if cfg.mode == "none":
         return model, {"mode": "none"}
     if cfg.mode == "int4w":
-        return _int4w(model, cfg), {"mode": "int4w", "group_size": cfg.group_size}
+        return _linear_dynamic(model, cfg, 4), {"mode": "int4w", "group_size": cfg.group_size,
+                                                "weights": "int4 symmetric, per group (bf16 scales, as XNNPACK stores them)",
+                                                "activations": "int8 per-token dynamic"}
+    if wrapped and cfg.mode == "int8-dynamic":
+        return _linear_dynamic(model, cfg, 8), {"mode": cfg.mode, "weights": "int8 per-channel symmetric",
+                                                "activations": "int8 per-token dynamic", "layers": "linear"}
+    if wrapped:
+        raise EdgesparseError(
+            f"--quant {cfg.mode} (static int8 activations) cannot be calibrated through this model's export wrapper "
+            "(its capture needs the wrapped decode step, and static per-tensor scales are calibrated on whole batches)",
+            hint="use --quant int8-dynamic or --quant int4w",
+        )
 
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -85,7 +125,10 @@ def take_batches(iterable: Iterable, n: int):
         yield item if isinstance(item, tuple) else (item,)
 
 
-def _int4w(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+def _linear_dynamic(model: nn.Module, cfg: QuantConfig, bits: int) -> nn.Module:
+    """torchao's 8daNw on every linear: int`bits` symmetric weights (int4: per group of
+    cfg.group_size inputs, per row when the input size is not a multiple; int8: per row) with
+    per-token dynamic int8 activations."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.utils import unwrap_tensor_subclass
@@ -93,10 +136,20 @@ def _int4w(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     model = copy.deepcopy(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise EdgesparseError("int4w quantizes linear layers and this model has none", hint="use --quant int8")
-    grouped = lambda m, _fqn: isinstance(m, nn.Linear) and m.in_features % cfg.group_size == 0  # noqa: E731
-    per_row = lambda m, _fqn: isinstance(m, nn.Linear) and m.in_features % cfg.group_size != 0  # noqa: E731
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(cfg.group_size)), grouped)
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerAxis(0)), per_row)
+        raise EdgesparseError(f"--quant {cfg.mode} quantizes linear layers here and this model has none", hint="use --quant int8")
+    dtype = torch.int4 if bits == 4 else torch.int8
+    if bits == 4:
+        grouped = lambda m, _fqn: isinstance(m, nn.Linear) and m.in_features % cfg.group_size == 0  # noqa: E731
+        per_row = lambda m, _fqn: isinstance(m, nn.Linear) and m.in_features % cfg.group_size != 0  # noqa: E731
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=PerGroup(cfg.group_size)), grouped)
+    else:
+        per_row = lambda m, _fqn: isinstance(m, nn.Linear)  # noqa: E731
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=PerAxis(0)), per_row)
+    with torch.no_grad():
+        for module in model.modules():
+            # XNNPACK stores per-group scales as bf16: round them here so the eager model (the
+            # perplexity we report and the verification reference) is the one the .pte runs
+            if bits == 4 and grouped(module, "") and isinstance(scale := getattr(module.weight, "scale", None), torch.Tensor):
+                scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
     unwrap_tensor_subclass(model)
     return model

@@ -19,6 +19,7 @@ from edgesparse.errors import EdgesparseError
 QUANT_MODES = ("none", "int8", "int8-dynamic", "int4w")
 ACT_METHODS = ("cats", "chess", "teal")
 SCOPES = ("layer", "global")
+PRUNE_METHODS = ("auto", "magnitude", "wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,21 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     overrides: tuple[LayerRule, ...] = ()
     schedule: Schedule = field(default_factory=Schedule)
+    # how weights are chosen: magnitude (gradual inside a fine-tune, or one-shot), or calibrated
+    # one-shot wanda / sparsegpt (edgesparse.prune_llm). auto: magnitude when a fine-tune hook
+    # runs the schedule, else wanda when the model is all linear layers and has calibration
+    # inputs (an LM exported without fine-tuning), else magnitude.
+    method: str = "auto"
+    calib_batches: int = 8  # calibration batches wanda / sparsegpt read
 
     def __post_init__(self):
         pattern = Pattern.parse(self.pattern)
+        if self.method not in PRUNE_METHODS:
+            raise EdgesparseError(f"unknown prune method {self.method!r} (use one of {', '.join(PRUNE_METHODS)})")
+        if self.calib_batches < 1:
+            raise EdgesparseError("prune.calib_batches must be >= 1")
+        if self.method in ("wanda", "sparsegpt") and pattern.kind == "channel":
+            raise EdgesparseError(f"--prune-method {self.method} chooses weights, not channels", hint="use an element pattern (unstructured, nm:2:4, block:RxC)")
         check_sparsity(self.sparsity)
         implied = pattern.implied_sparsity
         if implied is not None and self.sparsity not in (0.0, implied) and abs(self.sparsity - implied) > 1e-9:
@@ -161,6 +174,8 @@ class PruneConfig:
             raise EdgesparseError(f"unknown prune scope {self.scope!r} (use one of {', '.join(SCOPES)})")
         if self.scope == "global" and pattern.kind != "unstructured":
             raise EdgesparseError("global scope works with the unstructured pattern only")
+        if self.scope == "global" and self.method in ("wanda", "sparsegpt"):
+            raise EdgesparseError(f"global scope works with magnitude pruning only (not {self.method})")
 
     @property
     def parsed_pattern(self) -> Pattern:

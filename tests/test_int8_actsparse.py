@@ -215,8 +215,9 @@ def test_act_sparsity_with_int8_dynamic_exports_verifies_and_runs_in_the_cpp_run
     want = "edgesparse::qs8_actsparse_gated_mlp" if method == "chess" else "edgesparse::qs8_actsparse_linear"
     assert any(k.startswith(want) for k in record["runtime_ops"]["kernels"]), record["runtime_ops"]
     assert record["quantization"]["mode"] == "int8-dynamic"
-    ppl = record["metrics"]
-    assert ppl["perplexity_int8_act_layers"] > 0 and abs(ppl["perplexity_int8_act_layers"] / ppl["perplexity_compressed"] - 1) < 0.1
+    assert "act_sparse_layers" in record["quantization"]
+    ppl = record["metrics"]  # measured on the exported model in eager torch (our ops' eager twins + 8da8w linears)
+    assert 0 < ppl["perplexity_compressed"] < 1.2 * ppl["perplexity_dense"]
     # the .pte holds our int8 ops and XNNPACK delegates (the int8-dynamic linears)
     from executorch.exir._serialize._program import deserialize_pte_binary
 
