@@ -282,3 +282,51 @@ def int8_markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['what']} | {r['ours']} | {r['baseline']} | {r['threads']} | {r['sparsity']:.1%} | {r['ours_ms']:.3f} "
                      f"| {r['baseline_ms']:.3f} | {r['speedup']:.2f}x |")
     return "\n".join(lines)
+
+
+def bench_int8_mlp_shape(rounds: int = 5, runs: int = 300, inp: int = 576, hidden: int = 1536, target: float = 0.5) -> list[dict]:
+    """The MLP-block rows of bench_int8 without loading SmolLM2: a random SwiGLU MLP of its shape,
+    one token, the CATS threshold at the `target` quantile of this token's |SiLU(gate x)|; ours
+    (fp32 and int8 weights) against XNNPACK's dense fp32 and int8-dynamic (8da8w) MLP, C++ runner,
+    interleaved, medians, 1 thread (taskset -c 0) and all cores."""
+    import os
+
+    import torch.nn.functional as F
+
+    from edgesparse.converters.executorch import lower
+    from edgesparse.quantize import quantize
+    from edgesparse.recipe import QuantConfig
+    from edgesparse.runtime_kernels.modules import ActSparseGatedMLP, QActSparseGatedMLP
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(inp, hidden, bias=False), torch.nn.Linear(inp, hidden, bias=False)
+            self.down_proj = torch.nn.Linear(hidden, inp, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    mlp, x = MLP().eval(), torch.randn(1, inp)
+    with torch.no_grad():
+        threshold = float(F.silu(mlp.gate_proj(x)).abs().quantile(target))
+    parts = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgesparse-bench-") as tmp:
+        folder = Path(tmp)
+        x_path = folder / "x.f32"
+        x.numpy().tofile(x_path)
+        modules = {"xnnpack fp32": mlp, "ours fp32": ActSparseGatedMLP(*parts, threshold),
+                   "xnnpack int8": quantize(copy.deepcopy(mlp), QuantConfig(mode="int8-dynamic"), (x,), wrapped=True)[0],
+                   "ours int8": QActSparseGatedMLP(*parts, threshold)}
+        ptes = {}
+        for name, module in modules.items():
+            ptes[name] = folder / f"{name.replace(' ', '-')}.pte"
+            ptes[name].write_bytes(lower(module.eval(), (x,)).buffer)
+        for label, prefix in (("1 thread", ["taskset", "-c", "0"]), (f"all {os.cpu_count()} cores", [])):
+            for base, ours in (("xnnpack fp32", "ours fp32"), ("xnnpack int8", "ours int8")):
+                o, b, s = _interleaved_on(prefix, (ptes[base], x_path), (ptes[ours], x_path), rounds, runs, f"{ours} vs {base} ({label})")
+                rows.append({"what": f"MLP block {inp}->{hidden}->{inp} (random, one token)", "ours": ours, "baseline": base,
+                             "threads": label, "method": "cats", "sparsity": target, "ours_ms": o, "baseline_ms": b, "speedup": s})
+    return rows
