@@ -17,3 +17,4 @@ class ExportJob:
     quant: str = "none"  # none | int8 | int8-dynamic | int4w
     calib: list[tuple] = field(default_factory=list)  # int8 calibration batches
     onnx_sparse_storage: bool = False
+    tflite_ops: str = "builtin"  # builtin (sparse weights + DENSIFY) | edgesparse (our custom ops)

@@ -15,14 +15,21 @@ from edgesparse.errors import EdgesparseError
 from edgesparse.quantize import capture
 
 
-def lower(model: nn.Module, example_inputs: tuple):
-    """The staged pipeline; returns the ExecutorchProgramManager (`.buffer` is the .pte bytes)."""
+def lower(model: nn.Module, example_inputs: tuple, fuse: bool = True):
+    """The staged pipeline; returns the ExecutorchProgramManager (`.buffer` is the .pte bytes).
+    `fuse` keeps the layers between our sparse ops on our kernels (runtime_kernels/fusion.py), so
+    XNNPACK is not entered (through NCHW/NHWC transposes) between them."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from edgesparse.runtime_kernels.fusion import fuse_chains
+
     exported = capture(model, example_inputs)
+    fused = fuse_chains(exported) if fuse else {}
     edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
-    return edge.to_executorch()
+    program = edge.to_executorch()
+    program.fused_chains = fused  # for the manifest: what moved off XNNPACK
+    return program
 
 
 def load_method(path: str | Path):
@@ -55,6 +62,8 @@ def export_pte(job: ExportJob, dest: str | Path) -> dict:
         with _progress.status(f"verifying {dest.name} in the ExecuTorch runtime"):
             entry = verify_pte(tmp, job.model, job.sample_inputs, job.quant != "none")
     entry.update(format="pte", path=dest.name, bytes=dest.stat().st_size, sha256=sha256_file(dest))
+    if any(program.fused_chains.values()):
+        entry["fused_chains"] = program.fused_chains
     return entry
 
 

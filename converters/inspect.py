@@ -171,6 +171,10 @@ def _edgesparse_op(operator: str, args: list, buffers, index: int) -> Layer:
     elif op.startswith("nm"):
         n, m, inp, out = ints[:4]
         weight, pattern = unpack_nm(get(1), get(2), n, m, inp, out), f"nm:{n}:{m}"
+    elif op == "dwconv3x3":  # dense depthwise conv on our kernel, keeping a chain of sparse layers off XNNPACK
+        weight = get(1)
+        return Layer(f"{op}#{index}", operator, list(weight.shape), dtype, stored, float((weight == 0).float().mean()),
+                     None, False, f"{operator}: dense depthwise kernel (NCHW, between sparse layers: no XNNPACK partition)")
     elif op == "qs8_bcsr_linear":
         rows, inp, out = ints[:3]
         weight = unpack_bcsr(ungroup_qs8(get(1), rows).float(), get(2), get(3), rows, inp, out)
@@ -379,11 +383,43 @@ def _tflite_layers(data: bytes, target: str):
             layer.why, layer.fix = f"dense: {blocker}", fix
         else:
             layer.why = "dense: outside XNNPACK's sparse cluster (it ends at the global pool)"
+    layers += [(i, _tflite_edgesparse(model, graph, op, i)) for i, op in enumerate(ops)
+               if (tfl.custom_op_name(model, op) or "") in tfl.CUSTOM_OPS]
+    layers.sort(key=lambda item: item[0])
     rows = [layer for _, layer in layers]
     for layer in rows:
         if layer.sparsity < PRUNED and not layer.sparse:
             layer.fix = ""
-    return rows, "TFLite + XNNPACK", blocker
+    ours = any(layer.op in tfl.CUSTOM_OPS for layer in rows)
+    return rows, "TFLite + XNNPACK" + (" + edgesparse ops" if ours else ""), blocker
+
+
+def _tflite_edgesparse(model, graph, op, index: int) -> Layer:
+    """An Edgesparse* custom op: our kernel runs it on every target (x86_64 and arm64 builds of the
+    op library), whatever XNNPACK's sparse path would do, once the library is registered."""
+    from edgesparse.converters import tflite as tfl
+    from edgesparse.runtime_kernels.formats import unpack_bcsr, unpack_nm
+
+    kind = tfl.custom_op_name(model, op)
+    inputs = [int(i) for i in op.inputs]
+    name = _tflite_name((graph.tensors[inputs[1]].name or b"").removesuffix(b"/values")) or f"{kind}#{index}"
+    stored = sum(tfl.stored_bytes(model, i, graph) for i in inputs[1:] if i >= 0)
+    options = tfl.parse_custom_options(op.customOptions)
+    arrays = [tfl.constant(model, graph, i) for i in inputs[1:4 if "Bcsr" in kind else 3]]
+    if options is None or any(a is None for a in arrays):
+        return Layer(name, kind, [], "float32", stored, 0.0, None, False,
+                     "broken: its custom options or packed weights are not edgesparse's (the op fails at prepare)",
+                     "re-export with `edgesparse export --format tflite --tflite-ops edgesparse`")
+    out, inp, a, b = options["out_features"], options["in_features"], options["a"], options["b"]
+    tensors = [torch.from_numpy(np.ascontiguousarray(array).reshape(-1).copy()) for array in arrays]
+    if "Bcsr" in kind:
+        weight, pattern = unpack_bcsr(*tensors, a, inp, out, b), f"block:{a}x{b}"
+    else:
+        weight, pattern = unpack_nm(*tensors, a, b, inp, out), f"nm:{a}:{b}"
+    sparsity = float((weight == 0).float().mean())
+    return Layer(name, kind, [out, inp], "float32", stored, sparsity, pattern, True,
+                 f"{kind}: edgesparse's sparse kernel (TFLite op library, x86_64 and arm64; the interpreter must "
+                 "register it: edgesparse.converters.tflite.interpreter does)")
 
 
 def _tflite_name(raw: bytes | None) -> str:

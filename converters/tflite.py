@@ -10,6 +10,9 @@ The post-pass (facts in ../shared/notes/onnx-and-tflite.md, section 6):
   TensorFlow SAME padding, and litert-torch emits it for every stride-1 depthwise conv.
 - int8 (`--quant int8`): full-integer static quantization with ai-edge-quantizer on the recipe's
   calibration data; int8 weights stay dense (XNNPACK's sparse path is fp32/fp16 only).
+- `--tflite-ops edgesparse` (fp32): the layers export swapped for our kernels become Edgesparse*
+  custom ops (packed weights, a 32-byte options blob) that our TFLite op library runs on any CPU;
+  `interpreter()` registers that library. The rest of the post-pass applies to the other layers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import struct
 import warnings
 from pathlib import Path
 
@@ -328,6 +332,179 @@ def rewrite_same_depthwise(model) -> int:
     return rewritten
 
 
+# ---- edgesparse custom ops (--tflite-ops edgesparse) ------------------------------------------
+
+TFLITE_OPS = ("builtin", "edgesparse")
+CUSTOM_OPS = ("EdgesparseBcsrLinear", "EdgesparseBcsrConv1x1", "EdgesparseNmLinear", "EdgesparseNmConv1x1")
+_OPTIONS = struct.Struct("<4s7I")  # the op contract in runtime_kernels/tflite_ops/tflite_ops.cpp
+_MAGIC = b"ESP1"
+_ACTIVATIONS = {0: "none", 1: "relu", 2: "relu_n1_to_1", 3: "relu6"}  # TFLite's fused activations our ops apply
+
+
+def custom_options(out: int, inp: int, a: int, b: int, activation: int, keep_dims: bool) -> bytes:
+    """The 32-byte attribute blob of an Edgesparse* op: out/in features, block RxC (BCSR) or n, m
+    (N:M), the fused activation and whether the output keeps the input's leading dims."""
+    return _OPTIONS.pack(_MAGIC, out, inp, a, b, activation, int(keep_dims), 0)
+
+
+def parse_custom_options(data) -> dict | None:
+    """The fields of an Edgesparse* op's options, or None when they are not a valid blob."""
+    raw = bytes(bytearray(data)) if data is not None else b""
+    if len(raw) != _OPTIONS.size:
+        return None
+    magic, out, inp, a, b, activation, keep, reserved = _OPTIONS.unpack(raw)
+    if magic != _MAGIC or activation not in _ACTIVATIONS or keep > 1 or reserved:
+        return None
+    return {"out_features": out, "in_features": inp, "a": a, "b": b, "activation": _ACTIVATIONS[activation], "keep_dims": bool(keep)}
+
+
+def custom_op_name(model, op) -> str | None:
+    code = model.operatorCodes[op.opcodeIndex]
+    if max(code.builtinCode, code.deprecatedBuiltinCode) != _schema().BuiltinOperator.CUSTOM or code.customCode is None:
+        return None
+    return code.customCode.decode(errors="replace") if isinstance(code.customCode, bytes) else str(code.customCode)
+
+
+def edgesparse_ops(model) -> list:
+    """The Edgesparse* custom ops in the model's graphs."""
+    return [op for graph in model.subgraphs for op in graph.operators or [] if (custom_op_name(model, op) or "") in CUSTOM_OPS]
+
+
+def dense_twin(model: nn.Module) -> tuple[nn.Module, dict]:
+    """A copy of the export model with each edgesparse sparse module back as the plain Linear /
+    1x1 Conv2d it computes (litert-torch cannot map our ops), and the formats those modules used,
+    keyed by the exact bytes of their dense [out, in] weight, so the post-pass can find each one in
+    the converted graph and pack the same format."""
+    import copy
+
+    from edgesparse.runtime_kernels import modules as sparse_modules
+    from edgesparse.runtime_kernels.formats import unpack_bcsr, unpack_nm
+
+    twin = copy.deepcopy(model)
+    formats: dict[bytes, tuple[str, int, int]] = {}
+    for name, module in list(twin.named_modules()):
+        if not isinstance(module, sparse_modules._SparseModule):
+            continue
+        if isinstance(module, sparse_modules._BCSRModule):
+            weight = unpack_bcsr(module.values, module.col_idx, module.row_ptr, module.block_rows, module.in_features,
+                                 module.out_features, module.block_cols)
+            kind, a, b = "bcsr", module.block_rows, module.block_cols
+        elif isinstance(module, sparse_modules._NMModule):
+            weight = unpack_nm(module.values, module.idx, module.n, module.m, module.in_features, module.out_features)
+            kind, a, b = "nm", module.n, module.m
+        else:
+            raise EdgesparseError(f"--tflite-ops edgesparse has no TFLite op for {type(module).__name__} ({name})",
+                                  hint="use --tflite-ops builtin")
+        weight = weight.detach().float().contiguous()
+        bias = module.bias is not None
+        if module.conv:
+            dense = nn.Conv2d(module.in_features, module.out_features, 1, bias=bias)
+            dense.weight.data = weight.reshape(module.out_features, module.in_features, 1, 1).clone()
+        else:
+            dense = nn.Linear(module.in_features, module.out_features, bias=bias)
+            dense.weight.data = weight.clone()
+        if bias:
+            dense.bias.data = module.bias.detach().float().clone()
+        parent_name, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, child, dense)
+        formats[weight.numpy().tobytes()] = (kind, a, b)
+    return twin, formats
+
+
+def emit_edgesparse_ops(model, formats: dict) -> list[dict]:
+    """Replace each fp32 FULLY_CONNECTED / 1x1 stride-1 CONV_2D whose weight is one of `formats`'
+    (a layer the export swapped for our kernels) with an Edgesparse* custom op whose packed weights
+    are new constant tensors; returns one record per replaced op."""
+    from edgesparse.runtime_kernels.formats import pack_bcsr, pack_nm
+
+    s = _schema()
+    graph = model.subgraphs[0]
+    replaced, operators = [], []
+    for op in graph.operators:
+        name = op_name(model, op)
+        inputs = [int(i) for i in op.inputs] if op.inputs is not None else []
+        options = op.builtinOptions
+        conv = name == "CONV_2D"
+        eligible = name in ("FULLY_CONNECTED", "CONV_2D") and len(inputs) >= 2 and options is not None
+        if eligible and conv:
+            eligible = options.strideH == 1 and options.strideW == 1
+        if eligible and not conv:
+            eligible = options.weightsFormat == 0
+        weight = constant(model, graph, inputs[1]) if eligible and graph.tensors[inputs[1]].sparsity is None else None
+        if eligible and weight is not None and conv:
+            eligible = weight.ndim == 4 and weight.shape[1:3] == (1, 1)
+        weight2d = weight.reshape(weight.shape[0], -1) if eligible and weight is not None and weight.dtype == np.float32 else None
+        found = formats.get(np.ascontiguousarray(weight2d).tobytes()) if weight2d is not None else None
+        bias_index = inputs[2] if len(inputs) > 2 else -1
+        bias = constant(model, graph, bias_index) if bias_index >= 0 else None
+        x = graph.tensors[inputs[0]] if inputs else None
+        if found is None or options.fusedActivationFunction not in _ACTIVATIONS or (bias_index >= 0 and bias is None) \
+                or x is None or x.type != s.TensorType.FLOAT32:
+            operators.append(op)
+            continue
+        kind, a, b = found
+        out, inp = weight2d.shape
+        label = (graph.tensors[inputs[1]].name or b"weight").decode(errors="replace")
+        w = torch.from_numpy(weight2d.copy())
+        if kind == "bcsr":
+            packed = pack_bcsr(w, a, b)
+            arrays = [(packed.values.numpy(), s.TensorType.FLOAT32, "values"), (packed.col_idx.numpy(), s.TensorType.INT32, "col_idx"),
+                      (packed.row_ptr.numpy(), s.TensorType.INT32, "row_ptr")]
+            custom = "EdgesparseBcsrConv1x1" if conv else "EdgesparseBcsrLinear"
+            stored = packed.nbytes
+        else:
+            packed = pack_nm(w, a, b)
+            arrays = [(packed.values.numpy(), s.TensorType.FLOAT32, "values"), (packed.idx.numpy(), s.TensorType.UINT8, "idx")]
+            custom = "EdgesparseNmConv1x1" if conv else "EdgesparseNmLinear"
+            stored = packed.nbytes
+        new_inputs = [inputs[0]]
+        for array, kind_code, suffix in arrays:
+            index, _ = _add_tensor(model, graph, [array.size], kind_code, f"{label}/{suffix}".encode(), array.reshape(-1))
+            new_inputs.append(index)
+        if bias_index >= 0:
+            new_inputs.append(bias_index)
+        keep = bool(getattr(options, "keepNumDims", False))
+        custom_op = s.OperatorT()
+        custom_op.opcodeIndex = _custom_opcode(model, custom)
+        custom_op.inputs, custom_op.outputs = new_inputs, [int(i) for i in op.outputs]
+        custom_op.builtinOptionsType = s.BuiltinOptions.NONE
+        custom_op.customOptions = list(custom_options(out, inp, a, b, options.fusedActivationFunction, keep))
+        custom_op.customOptionsFormat = s.CustomOptionsFormat.FLEXBUFFERS  # the schema's only value; the blob is ours
+        operators.append(custom_op)
+        replaced.append({"op": custom, "weight": label, "shape": [out, inp],
+                         "format": f"{a}x{b} blocks" if kind == "bcsr" else f"{a}:{b}", "stored_bytes": stored,
+                         "activation": _ACTIVATIONS[options.fusedActivationFunction]})
+    graph.operators = operators
+    _drop_unused_buffers(model)
+    return replaced
+
+
+def _custom_opcode(model, name: str) -> int:
+    s = _schema()
+    for i, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == s.BuiltinOperator.CUSTOM and code.customCode in (name, name.encode()):
+            return i
+    code = s.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = s.BuiltinOperator.CUSTOM
+    code.customCode, code.version = name.encode(), 1
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def _drop_unused_buffers(model) -> None:
+    """Empty the buffers that no operator input reads any more (the replaced dense weights)."""
+    used_buffers = set()
+    for graph in model.subgraphs:
+        used = {int(i) for op in graph.operators or [] for i in (op.inputs if op.inputs is not None else []) if i >= 0}
+        used |= {int(i) for i in (graph.inputs if graph.inputs is not None else [])}
+        used |= {int(i) for i in (graph.outputs if graph.outputs is not None else [])}
+        used_buffers |= {graph.tensors[i].buffer for i in used}
+    for graph in model.subgraphs:
+        for index, tensor in enumerate(graph.tensors):
+            if tensor.buffer not in used_buffers and tensor.buffer > 0 and model.buffers[tensor.buffer].data is not None:
+                model.buffers[tensor.buffer] = _schema().BufferT()
+
+
 # ---- export ----------------------------------------------------------------------------------
 
 def convert(model: nn.Module, example_inputs: tuple) -> bytes:
@@ -378,17 +555,33 @@ def export_tflite(job, dest: str | Path) -> dict:
     dest = Path(dest)
     if job.quant not in ("none", "int8"):
         raise EdgesparseError(f"--quant {job.quant} is not available for --format tflite", hint="use --quant none or int8")
+    ops = getattr(job, "tflite_ops", "builtin")
+    if ops not in TFLITE_OPS:
+        raise EdgesparseError(f"unknown --tflite-ops {ops!r} (available: {', '.join(TFLITE_OPS)})")
+    if ops == "edgesparse" and job.quant != "none":
+        raise EdgesparseError("--tflite-ops edgesparse runs fp32 kernels", hint="use --quant none, or --tflite-ops builtin for int8")
+    formats: dict = {}
+    source = job.pruned
+    if ops == "edgesparse":
+        source, formats = dense_twin(job.model)
     with _progress.status(f"exporting {dest.name} (litert-torch)"):
-        dense = convert(job.pruned, job.example_inputs)
+        dense = convert(source, job.example_inputs)
     model = load(dense)
-    entry = {"dense_bytes": len(dense), "depthwise_same_rewritten": rewrite_same_depthwise(model)}
+    entry = {"dense_bytes": len(dense), "depthwise_same_rewritten": rewrite_same_depthwise(model), "tflite_ops": ops}
     if job.quant == "int8":
         with _progress.status(f"quantizing {dest.name} (int8, {len(job.calib)} calibration batches)"):
             data = quantize_int8(pack(model), job.calib)
         entry["storage"] = "dense int8 (XNNPACK's sparse path is fp32/fp16 only)"
     else:
+        if ops == "edgesparse":
+            entry["edgesparse_ops"] = emit_edgesparse_ops(model, formats)
+            if not entry["edgesparse_ops"]:
+                entry["edgesparse_ops_note"] = ("no layer was swapped for an edgesparse kernel (see the manifest's layer reasons)"
+                                                if not formats else "litert-torch's graph held none of the swapped layers' weights as a plain FC / 1x1 conv")
         entry["sparse_weights"] = encode_sparse(model)
         entry["storage"] = "TFLite sparse format + DENSIFY for pruned 1x1 conv / fully-connected weights"
+        if ops == "edgesparse":
+            entry["storage"] = "edgesparse custom ops (packed BCSR / N:M weights) for swapped layers; " + entry["storage"] + " for the rest"
         data = pack(model)
     with atomic_path(dest) as tmp:
         tmp.write_bytes(data)
@@ -399,16 +592,27 @@ def export_tflite(job, dest: str | Path) -> dict:
     return entry
 
 
-def interpreter(path: str | Path, xnnpack: bool = True):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+def interpreter(path: str | Path, xnnpack: bool = True, threads: int = 1, edgesparse_ops: bool = True):
+    """A LiteRT interpreter for the file, with the edgesparse op library registered when it is
+    built (edgesparse_ops=False: never, to see what a plain runtime does with the file)."""
+    from ai_edge_litert.interpreter import InterpreterWithCustomOps, OpResolverType
+
+    from edgesparse import runtime_kernels
 
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    registerers = [runtime_kernels.tflite_registerer()] if edgesparse_ops and runtime_kernels.TFLITE_LIBRARY.is_file() else []
     try:
         with native_stderr():
-            runner = Interpreter(model_path=str(path), num_threads=1, experimental_op_resolver_type=resolver)
+            runner = InterpreterWithCustomOps(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver,
+                                              custom_op_registerers=registerers)
             runner.allocate_tensors()
     except Exception as exc:
-        raise EdgesparseError(f"LiteRT could not load {Path(path).name}: {first_line(exc)}") from None
+        first = first_line(exc)
+        hint = None
+        if "Edgesparse" in first and not registerers:
+            hint = ("build the edgesparse op library with `make kernels`" if edgesparse_ops
+                    else "load it with edgesparse.converters.tflite.interpreter(path), which registers the edgesparse ops")
+        raise EdgesparseError(f"LiteRT could not load {Path(path).name}: {first}", hint=hint) from None
     return runner
 
 

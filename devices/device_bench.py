@@ -3,7 +3,7 @@ Standalone: Python 3, numpy and onnxruntime only, so it can be pushed to any boa
 (edgesparse itself need not be installed there); the edgesparse op library is registered when
 given. (.tflite through LiteRT comes with the TFLite exporter.)
 
-    python3 device_bench.py model.onnx --runs 100 --warmup 10 [--min-seconds 1] [--op-library libedgesparse_ort.so]
+    python3 device_bench.py model.onnx --runs 100 --warmup 10 [--threads 1] [--min-seconds 1] [--op-library libedgesparse_ort.so]
 """
 
 from __future__ import annotations
@@ -55,6 +55,15 @@ def random_feed(session) -> dict:
     return feed
 
 
+def session_threads(session) -> int:
+    """The intra-op thread count an ONNX Runtime session runs with, read back from the session
+    (0 would mean ORT's own default: always set it explicitly, as load_onnx and ort_session do)."""
+    used = int(session.get_session_options().intra_op_num_threads)
+    if used < 1:
+        raise RuntimeError("the ONNX Runtime session has no explicit intra-op thread count")
+    return used
+
+
 def load_onnx(path: str, threads: int, op_library: str | None):
     import onnxruntime as ort
 
@@ -65,7 +74,7 @@ def load_onnx(path: str, threads: int, op_library: str | None):
         options.register_custom_ops_library(op_library)
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     feed = random_feed(session)
-    return "onnxruntime", lambda: session.run(None, feed)
+    return "onnxruntime", lambda: session.run(None, feed), session_threads(session)
 
 
 def timing_parser() -> argparse.ArgumentParser:
@@ -93,10 +102,10 @@ def print_result(measure) -> int:
 def measure_onnx(path: str, runs: int, warmup: int, threads: int, min_seconds: float, op_library: str | None) -> dict:
     rss_before = status_mb("VmRSS")
     t0 = time.perf_counter()
-    runtime, call = load_onnx(path, threads, op_library)
+    runtime, call, used = load_onnx(path, threads, op_library)
     load_ms = (time.perf_counter() - t0) * 1e3
     first_ms, times = time_calls(call, runs, warmup, min_seconds)
-    return {"runtime": runtime, "threads": threads, "load_ms": load_ms, "first_run_ms": first_ms, "times_ms": times,
+    return {"runtime": runtime, "threads": used, "load_ms": load_ms, "first_run_ms": first_ms, "times_ms": times,
             "rss_before_load_mb": rss_before, "peak_rss_mb": status_mb("VmHWM")}
 
 

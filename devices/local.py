@@ -14,7 +14,7 @@ import numpy as np
 from edgesparse._io import sha256_file
 from edgesparse.errors import EdgesparseError
 
-RUNNERS = {".pte": "edgesparse.devices.child", ".onnx": "edgesparse.devices.child"}
+RUNNERS = {".pte": "edgesparse.devices.child", ".onnx": "edgesparse.devices.child", ".tflite": "edgesparse.devices.child"}
 RUNTIMES = ("python", "cpp")
 
 
@@ -42,6 +42,17 @@ def parse_runner_output(stdout: str, stderr: str, returncode: int, name: str, wh
     return result
 
 
+def check_threads(result: dict, threads: int, name: str, where: str) -> None:
+    """Every runner reports the thread count its runtime actually uses; a run at any other count
+    than the one asked for is an error, never a result."""
+    got = result.get("threads")
+    if got is None:
+        raise EdgesparseError(f"the runner for {name} {where} did not report its thread count",
+                              hint="rebuild it (`make kernels`, `make arm-runner`)")
+    if got != threads:
+        raise EdgesparseError(f"{name} {where} ran on {got} threads, not the {threads} asked for")
+
+
 def finish(result: dict, path: Path, state_before: dict, state_after: dict) -> dict:
     """Add the statistics, the artifact's identity and the device state around the run."""
     result.update(summarize(result.pop("times_ms")))
@@ -64,17 +75,18 @@ def check_artifact(artifact: str | Path, runs: int, warmup: int, threads: int, r
     if runtime not in RUNTIMES:
         raise EdgesparseError(f"unknown runtime {runtime!r} (available: {', '.join(RUNTIMES)})")
     if runtime == "cpp" and path.suffix != ".pte":
-        raise EdgesparseError(f"the C++ runner runs .pte files, not {path.name}", hint="profile .onnx with --runtime python")
+        raise EdgesparseError(f"the C++ runner runs .pte files, not {path.name}", hint=f"profile {path.suffix} with --runtime python")
     return path
 
 
 def _command(path: Path, runtime: str, runs: int, warmup: int, threads: int, min_seconds: float, per_op: bool) -> list[str]:
-    if runtime == "cpp":  # the torch-free C++ runner (runtime_kernels/runner), its own thread pool
+    if runtime == "cpp":  # the torch-free C++ runner (runtime_kernels/runner), its pool sized by --threads
         from edgesparse.runtime_kernels import RUNNER
 
         if not RUNNER.is_file():
             raise EdgesparseError("the C++ runner is not built", hint="run `make kernels`")
-        return [str(RUNNER), str(path), "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds)]
+        return [str(RUNNER), str(path), "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds),
+                "--threads", str(threads)]
     return [sys.executable, "-m", RUNNERS[path.suffix], str(path), "--runs", str(runs), "--warmup", str(warmup),
             "--threads", str(threads), "--min-seconds", str(min_seconds)] + (["--per-op"] if per_op else [])
 
@@ -87,6 +99,9 @@ def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threa
     path = check_artifact(artifact, runs, warmup, threads, runtime)
     if per_op and runtime == "cpp":
         raise EdgesparseError("per-operator times come from the python runtime (ETDump) or ONNX Runtime, not the C++ runner")
+    if per_op and path.suffix == ".tflite":
+        raise EdgesparseError("per-operator times are not available for .tflite (LiteRT's Python API has no profiler)",
+                              hint="profile the .pte or .onnx with --per-op")
     cmd = _command(path, runtime, runs, warmup, threads, min_seconds, per_op)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
@@ -97,7 +112,7 @@ def profile_local(artifact: str | Path, runs: int = 100, warmup: int = 10, threa
         raise EdgesparseError(f"profiling {path.name} timed out after {timeout:.0f} s") from None
     except subprocess.SubprocessError as exc:  # the affinity could not be set
         raise EdgesparseError(f"cannot pin the runner to CPUs {cpus}: {exc}") from None
-    where = "in ONNX Runtime" if path.suffix == ".onnx" else "in ExecuTorch"
+    where = {".onnx": "in ONNX Runtime", ".tflite": "in LiteRT"}.get(path.suffix, "in ExecuTorch")
     result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, where)
-    result.setdefault("threads", "runtime default" if runtime == "cpp" else threads)
+    check_threads(result, threads, path.name, where)
     return finish(result, path, before, Local().info())

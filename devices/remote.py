@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from edgesparse.devices.local import check_artifact, finish, parse_runner_output
+from edgesparse.devices.local import check_artifact, check_threads, finish, parse_runner_output
 from edgesparse.devices.tegrastats import energy_per_inference
 from edgesparse.devices.transports import Adb, Transport
 from edgesparse.errors import EdgesparseError
@@ -86,11 +86,13 @@ TMP = "{tmp}"  # stands for the device's temp dir in the file lists and commands
 ANDROID_BUNDLE = Path(__file__).resolve().parent.parent / "apps" / "android" / "native" / "build" / "edgesparse-bench"
 
 
-def runner_job(transport: Transport, machine: str, model: str, runs: int, warmup: int, min_seconds: float
-               ) -> tuple[list[tuple[Path, str]], list[str]]:
+def runner_job(transport: Transport, machine: str, model: str, runs: int, warmup: int, min_seconds: float,
+               threads: int = 1) -> tuple[list[tuple[Path, str]], list[str]]:
     """.pte: the C++ runner and its libraries (files to push, command); on an aarch64 adb device,
-    the Android bundle, which never touches the system's loader or libraries."""
-    args = [model, "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds)]
+    the Android bundle (its launcher passes every argument on), which never touches the system's
+    loader or libraries. --threads sizes the runner's ExecuTorch thread pool."""
+    args = [model, "--runs", str(runs), "--warmup", str(warmup), "--min-seconds", str(min_seconds),
+            "--threads", str(threads)]
     if isinstance(transport, Adb) and machine == "aarch64":
         if not (ANDROID_BUNDLE / "edgesparse-bench").is_file():
             raise EdgesparseError("the Android runner bundle is not built", hint="run `make -C apps/android/native`")
@@ -102,7 +104,7 @@ def runner_job(transport: Transport, machine: str, model: str, runs: int, warmup
 
 
 def python_job(transport: Transport, machine: str, model: str, runs: int, warmup: int, min_seconds: float,
-               threads: int) -> tuple[list[tuple[Path, str]], list[str]]:
+               threads: int = 1) -> tuple[list[tuple[Path, str]], list[str]]:
     """.onnx: device_bench.py, run by the device's python3 with its onnxruntime, and our op library
     for the device's architecture when it is built (files to push, command)."""
     probe = transport.run(["python3", "-c", "import numpy, onnxruntime"], "looking for python3 with onnxruntime",
@@ -125,6 +127,9 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
     """.pte: the C++ runner; .onnx: device_bench.py in the device's python3 with onnxruntime."""
     if per_op:
         raise EdgesparseError(f"per-operator times are measured here only (--device local), not on {transport.spec}")
+    if str(artifact).endswith(".tflite"):
+        raise EdgesparseError(f"no .tflite runner for {transport.spec} yet (the C++ runner and the device bundle run .pte)",
+                              hint="profile the .tflite here (--device local), or the .pte / .onnx on the device")
     onnx = str(artifact).endswith(".onnx")
     runtime = runtime or ("python" if onnx else "cpp")
     if runtime != ("python" if onnx else "cpp"):
@@ -134,7 +139,7 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
     before = transport.info()
     machine, model = before.get("machine", "unknown"), f"{TMP}/model{path.suffix}"
     files, command = (python_job(transport, machine, model, runs, warmup, min_seconds, threads) if onnx
-                      else runner_job(transport, machine, model, runs, warmup, min_seconds))
+                      else runner_job(transport, machine, model, runs, warmup, min_seconds, threads))
     with transport.temp_dir() as tmp:
         transport.run(["mkdir", "-p", f"{tmp}/lib"], "preparing the temp dir", 60)
         for local, name in [*files, (path, f"model{path.suffix}")]:
@@ -146,8 +151,8 @@ def profile_remote(transport: Transport, artifact, runs: int = 100, warmup: int 
         result = parse_runner_output(proc.stdout, proc.stderr, proc.returncode, path.name, f"on {transport.spec}")
         telemetry = transport.run(["sh", "-c", 'cat "$1" 2>/dev/null || true', "read", f"{tmp}/tegrastats.log"],
                                   "reading tegrastats", 60).stdout.splitlines()
+    check_threads(result, threads, path.name, f"on {transport.spec}")
     result["device"] = transport.spec
-    result.setdefault("threads", "runtime default")
     if transport.emulated or looks_emulated(before):
         result["timing_note"] = "emulated, not a speed"
     result = finish(result, path, before, transport.info())

@@ -123,7 +123,7 @@ def _runner_ms(pte: Path, runs: int, x_path: Path | None = None) -> float:
 
     if not RUNNER.is_file():
         raise EdgesparseError("the C++ runner is not built", hint="run `make kernels`")
-    argv = [str(RUNNER), str(pte), "--runs", str(runs), "--warmup", str(max(3, runs // 10))]
+    argv = [str(RUNNER), str(pte), "--runs", str(runs), "--warmup", str(max(3, runs // 10)), "--threads", "1"]
     if x_path is not None:
         argv += ["--input", str(x_path)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)

@@ -42,6 +42,7 @@ def export(
     prune_method: Optional[str] = typer.Option(None, "--prune-method", help="magnitude | wanda | sparsegpt (calibrated one-shot; default: magnitude with a fine-tune, wanda for an all-linear model with calibration data and no fine-tune)"),
     fmt: str = typer.Option("pte", "--format", help="comma-separated formats: pte, onnx, tflite (tflite needs the [tflite] extra)"),
     onnx_sparse_storage: bool = typer.Option(False, "--onnx-sparse-storage", help="store mostly-zero ONNX initializers as sparse tensors (smaller file; ONNX Runtime densifies them at load)"),
+    tflite_ops: str = typer.Option("builtin", "--tflite-ops", help="builtin (sparse weights + DENSIFY, any LiteRT) | edgesparse (swapped layers as our custom ops; needs our op library)"),
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps", help="gradual pruning over N fine-tune steps (built-in demos; 0 = one-shot)"),
     act_sparsity: Optional[float] = typer.Option(None, "--act-sparsity", help="activation sparsity target in [0, 1), e.g. 0.5 (LMs with gated MLPs)"),
     act_method: Optional[str] = typer.Option(None, "--act-method", help="cats (default) | chess | teal"),
@@ -60,6 +61,8 @@ def export(
         export_moe(model, expert_budget, quant or "none", output)
         return
     formats = parse_formats(fmt)  # fail on a bad format before loading anything
+    if tflite_ops not in ("builtin", "edgesparse"):
+        raise EdgesparseError(f"unknown --tflite-ops {tflite_ops!r} (available: builtin, edgesparse)")
     base = Recipe.load(recipe) if recipe else None
     if base is None and finetune_steps is None and model.startswith("demo:"):
         # gradual magnitude pruning needs the fine-tune; wanda / sparsegpt are one-shot unless asked
@@ -67,7 +70,7 @@ def export(
         finetune_steps = 300 if pruning and prune_method in (None, "auto", "magnitude") else 0
     resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps, act_sparsity, act_method, act_finetune_steps,
                                    prune_method=prune_method)
-    record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage)
+    record = export_model(model, resolved, output, formats, onnx_sparse_storage=onnx_sparse_storage, tflite_ops=tflite_ops)
     print_export_summary(record, output)
     if not all(a["verified"] for a in record["artifacts"]):
         raise EdgesparseError("an artifact failed verification against torch (see manifest.json)")
@@ -213,6 +216,10 @@ def profile(
         for row in sorted(result["per_op"], key=lambda r: -r["median_ms"])[:15]:
             ops.add_row(row["name"], row.get("op", ""), str(row["calls"]), f"{1e3 * row['median_ms']:.1f}")
         out.print(ops)
+        if result.get("per_op_summary"):
+            summary = result["per_op_summary"]
+            out.print(f"per inference: {summary['delegate_calls']} XNNPACK delegate calls (partitions), "
+                      f"{summary['transposes']} transposes, {summary['operator_calls']} ops outside XNNPACK")
     if json_out:
         write_json_atomic(json_out, result)
         out.print(f"wrote {json_out}")

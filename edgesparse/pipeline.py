@@ -18,7 +18,7 @@ from edgesparse.converters.executorch import export_pte, load_method, run_pte
 from edgesparse.converters.onnx import export_onnx
 from edgesparse.converters.tflite import export_tflite, interpreter, run_tflite
 from edgesparse import runtime_kernels
-from edgesparse.converters.sparse_swap import fold_batchnorm, has_kernels, swap_sparse_layers
+from edgesparse.converters.sparse_swap import fold_batchnorm, has_kernels, register_kernel, swap_sparse_layers
 from edgesparse.errors import EdgesparseError
 from edgesparse.layers import set_training
 from edgesparse.models import ModelBundle, load_model
@@ -45,6 +45,7 @@ def export_model(
     formats: list[str] = ("pte",),
     finetune: bool = True,
     onnx_sparse_storage: bool = False,
+    tflite_ops: str = "builtin",
 ) -> dict:
     """Compress and export; returns the manifest (also written to out_dir/manifest.json)."""
     formats = parse_formats(",".join(formats))
@@ -83,7 +84,7 @@ def export_model(
         metrics["eval_set"] = "; ".join(bundle.notes)
     pruned = copy.deepcopy(result.pruned)  # the swap below may work in place
     export_model_ = result.model
-    kernels = runtime_kernels.register_with_exporter() and has_kernels("float32")
+    kernels = runtime_kernels.register_with_exporter(register_kernel) and has_kernels("float32")
     if kernels and recipe.quant.mode == "none" and not recipe.act_sparsity.active:
         folds = fold_batchnorm(export_model_, bundle.example_inputs)
         for plan in result.layers:
@@ -112,7 +113,8 @@ def export_model(
         record["runtime_ops"] = {"library": runtime_kernels.ET_LIBRARY.name, "onnx_library": runtime_kernels.ORT_LIBRARY.name,
                                  "kernels": sorted(kernel_names)}
     job = ExportJob(export_model_, pruned, example_inputs, samples, recipe.quant.mode,
-                    calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage)
+                    calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage,
+                    tflite_ops=tflite_ops)
     with staging_dir(out_dir) as stage:
         for fmt in formats:
             entry = FORMATS[fmt](job, stage / f"model.{fmt}")

@@ -3,7 +3,8 @@
     build()                 configure + build with CMake (make does this; tests call it if needed)
     available()             whether the ExecuTorch op library is built
     load_executorch_ops()   load it into this process's ExecuTorch runtime, exactly once
-    register_with_exporter() let `export` swap eligible layers for the edgesparse:: ops
+    tflite_registerer()     load the TFLite op library; the registerer name LiteRT's interpreter takes
+    register_with_exporter(register_kernel)  hand export's registry our layer factories
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ BUILD_DIR = SOURCE_DIR / "build"
 ET_LIBRARY = BUILD_DIR / "libedgesparse_et.so"
 C_LIBRARY = BUILD_DIR / "libedgesparse_kernels.so"
 ORT_LIBRARY = BUILD_DIR / "libedgesparse_ort.so"  # ONNX Runtime custom ops, domain ai.edgesparse
+TFLITE_LIBRARY = BUILD_DIR / "libedgesparse_tflite.so"  # TFLite custom ops Edgesparse* (tflite_ops/)
+TFLITE_REGISTERER = "EdgesparseTfliteRegisterer"  # for InterpreterWithCustomOps(custom_op_registerers=[...])
 RUNNER = BUILD_DIR / "edgesparse_runner"  # the torch-free C++ .pte runner
 # the same runner cross-built for aarch64 Linux against the aarch64 executorch wheel (make arm-runner)
 ARM_BUILD_DIR = SOURCE_DIR / "build-aarch64-runner"
@@ -81,11 +84,37 @@ def ort_session(path, threads: int = 1, profile_prefix: str | None = None):
         raise EdgesparseError(f"ONNX Runtime could not load {Path(path).name}: {first}", hint=hint) from None
 
 
-def register_with_exporter() -> bool:
-    """Make export swap eligible fp32 layers for edgesparse:: ops (when the kernels are built)."""
+_tflite_library = None
+
+
+def tflite_registerer() -> str:
+    """Load the TFLite custom-op library (once, RTLD_GLOBAL so the interpreter finds its registerer
+    by name) and return that name; a one-line error when it is not built or cannot reach LiteRT's
+    op resolver."""
+    global _tflite_library
+    if _tflite_library is None:
+        if not TFLITE_LIBRARY.is_file():
+            raise EdgesparseError("the model has edgesparse TFLite ops but the op library is not built",
+                                  hint="build it with `make kernels`")
+        from ai_edge_litert import interpreter  # noqa: F401  (loads LiteRT, whose resolver the registerer needs)
+
+        library = ctypes.CDLL(str(TFLITE_LIBRARY), mode=ctypes.RTLD_GLOBAL)
+        library.EdgesparseTfliteStatus.restype = ctypes.c_char_p
+        _tflite_library = library
+    why = _tflite_library.EdgesparseTfliteStatus()
+    if why:
+        raise EdgesparseError(f"cannot register the edgesparse TFLite ops in this LiteRT: {why.decode()}",
+                              hint="see converters/README.md (TFLite custom ops)")
+    return TFLITE_REGISTERER
+
+
+def register_with_exporter(register_kernel) -> bool:
+    """Register our layer factories with the exporter's `register_kernel(pattern_kind, dtype, name,
+    factory, builtin)` (converters.sparse_swap's), so export swaps eligible fp32 layers for
+    edgesparse:: ops. The registry is passed in: this room never imports the exporters."""
     if not available():
         return False
     from edgesparse.runtime_kernels.modules import register
 
-    register()
+    register(register_kernel)
     return True

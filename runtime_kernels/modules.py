@@ -303,8 +303,7 @@ def swap_factory(module: nn.Module, plan) -> nn.Module | None:
     return replacement
 
 
-def register() -> None:
-    from edgesparse.converters.sparse_swap import register_kernel
-
+def register(register_kernel) -> None:
+    """Our factory for every pattern kind with an fp32 kernel, into the exporter's registry."""
     for kind in ("block", "unstructured", "nm"):
         register_kernel(kind, "float32", "edgesparse-sparse", swap_factory, builtin=True)

@@ -16,9 +16,10 @@ from edgesparse.runtime_kernels.formats import quantize_rows, ungroup_qs8, unpac
 _lib = torch.library.Library("edgesparse", "DEF")
 
 
-def _define(name: str, args: str, eager, out_features) -> None:
+def _define(name: str, args: str, eager, out_features, shape=None) -> None:
     """Schema, `.out` variant, eager and Meta implementations of one op. `out_features(x, *args)`
-    gives the output's last dimension (linear-like ops) or channels (NCHW convs, name *_conv1x1)."""
+    gives the output's last dimension (linear-like ops) or channels (NCHW convs, name *_conv1x1);
+    `shape(x, *args)`, when given, the whole output shape instead."""
     _lib.define(f"{name}({args}) -> Tensor")
     _lib.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
 
@@ -28,6 +29,8 @@ def _define(name: str, args: str, eager, out_features) -> None:
         return out
 
     def meta(x, *a):
+        if shape is not None:
+            return x.new_empty(shape(x, *a))
         if name.endswith("conv1x1"):
             return x.new_empty((x.shape[0], out_features(x, *a), x.shape[2], x.shape[3]))
         return x.new_empty((*x.shape[:-1], out_features(x, *a)))
@@ -145,3 +148,34 @@ def _qs8_gated_mlp(x, gate_t, bundle, scales, biases, thresholds, threshold, act
 _define("qs8_actsparse_gated_mlp", "Tensor x, Tensor gate_t, Tensor bundle, Tensor scales, Tensor? biases, "
         "Tensor? thresholds, float threshold, int activation", _qs8_gated_mlp,
         lambda x, gate_t, bundle, *a: bundle.shape[1] - gate_t.shape[0])
+
+
+# Fused chains (fusion.py rewrites exported graphs to these, so a chain of layers stays on our
+# kernels in NCHW instead of entering XNNPACK between them). `min` / `max` are the activation's
+# clamp; NO_CLAMP (float32's largest value, finite so every serializer takes it) means none.
+NO_CLAMP = 3.4028234663852886e38
+
+
+def _clamp(y, lo, hi):
+    return y if lo <= -NO_CLAMP and hi >= NO_CLAMP else y.clamp(lo, hi)
+
+
+# 1x1 conv (BCSR, NCHW) + bias + residual, then the clamp: y = clamp(W x + b + residual, min, max)
+def _bcsr_conv1x1_fused(x, v, c, r, bias, residual, block_rows, block_cols, in_features, out_features, lo, hi):
+    y = _conv(x, _bcsr_weight(v, c, r, block_rows, block_cols, in_features, out_features), bias)
+    return _clamp(y if residual is None else y + residual, lo, hi)
+
+
+_define("bcsr_conv1x1_fused", "Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? bias, Tensor? residual, "
+        "int block_rows, int block_cols, int in_features, int out_features, float min, float max", _bcsr_conv1x1_fused,
+        None, shape=lambda x, *a: (x.shape[0], a[-3], x.shape[2], x.shape[3]))
+
+
+# Depthwise 3x3 conv (NCHW), padding 1, stride 1 or 2, bias, then the clamp. weight [C, 1, 3, 3].
+def _dwconv3x3(x, weight, bias, stride, lo, hi):
+    return _clamp(F.conv2d(x, weight, bias, stride, 1, 1, weight.shape[0]), lo, hi)
+
+
+_define("dwconv3x3", "Tensor x, Tensor weight, Tensor? bias, int stride, float min, float max", _dwconv3x3, None,
+        shape=lambda x, weight, bias, stride, *a: (x.shape[0], weight.shape[0], (x.shape[2] - 1) // stride + 1,
+                                                   (x.shape[3] - 1) // stride + 1))

@@ -171,7 +171,7 @@ def test_inspect_rejects_mislabeled_and_missing(tmp_path, mobilenet90):
 def real_files(tmp_path_factory, mobilenet90):
     """One real artifact per format (the .pte with an edgesparse op and an XNNPACK delegate)."""
     from edgesparse.converters.executorch import export_pte
-    from edgesparse.converters.sparse_swap import swap_sparse_layers
+    from edgesparse.converters.sparse_swap import register_kernel, swap_sparse_layers
     from edgesparse.runtime_kernels import register_with_exporter
 
     folder = tmp_path_factory.mktemp("fuzz")
@@ -179,7 +179,7 @@ def real_files(tmp_path_factory, mobilenet90):
     export_onnx(job_for(model, onnx_sparse_storage=True), folder / "m.onnx")
     plans = []
     swapped = pruned_mobilenet(0.9, plans)
-    if register_with_exporter():
+    if register_with_exporter(register_kernel):
         swap_sparse_layers(swapped, plans, (torch.rand(1, 3, 32, 32),))
     export_pte(job_for(swapped), folder / "m.pte")
     return {"tflite": tfl_path.read_bytes(), "onnx": (folder / "m.onnx").read_bytes(), "pte": (folder / "m.pte").read_bytes()}

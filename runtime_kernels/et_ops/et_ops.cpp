@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "edgesparse/et_threadpool.h"
 #include "edgesparse/kernels.h"
 
 namespace {
@@ -79,15 +80,68 @@ bool resize_last_dim(KernelRuntimeContext& ctx, const Tensor& x, int64_t last, T
   return true;
 }
 
-// Split the row blocks across ExecuTorch's thread pool (the one XNNPACK uses, sized by
-// _unsafe_reset_threadpool / the app): chunks of at least ~16k multiply-adds, one chunk when small.
-// `work` is the multiply-adds of the whole call.
+// ---- threads ----------------------------------------------------------------------------------
+// Our ops run on ExecuTorch's thread pool, the one XNNPACK uses (sized by the app, the runner's
+// --threads, or _unsafe_reset_threadpool). A call is cut into pieces of equal work, whole output
+// row blocks (or outputs, or column chunks) each, so every output is computed by the same code
+// whatever the thread count: results are bit-identical across thread counts. Cutting by work (the
+// nonzeros in row_ptr), not by row count, matters: a pruned layer's rows differ a lot in nonzeros,
+// and equal row counts left one thread idle while the other finished. A call below
+// kMinMacsPerThread multiply-adds per thread runs on the calling thread alone: waking the pool
+// costs more than such a call gains from it.
+constexpr int64_t kMinMacsPerThread = int64_t{1} << 17;
+// spare pieces per thread: a thread the OS runs late loses its unstarted pieces to the others
+constexpr int64_t kPiecesPerThread = 4;
+
+// How many pieces to cut `units` (row blocks, outputs, column chunks) doing `work` multiply-adds into.
+int64_t pieces_for(int64_t units, int64_t work) {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  const int64_t threads = pool ? static_cast<int64_t>(pool->get_thread_count()) : 1;
+  if (threads < 2 || work < 2 * kMinMacsPerThread) return 1;
+  return std::max<int64_t>(1, std::min({units, work / kMinMacsPerThread, threads * kPiecesPerThread}));
+}
+
+// kernel(u0, u1) over [0, units), cut into pieces of equal cost; cost_before(u) is the cost of
+// units [0, u) (non-decreasing, cost_before(units) the whole call's multiply-adds).
+template <typename Cost, typename Kernel>
+void for_balanced(int64_t units, Cost cost_before, Kernel kernel) {
+  const int64_t total = cost_before(units);
+  const int64_t n = pieces_for(units, total);
+  if (n <= 1) {
+    kernel(size_t{0}, static_cast<size_t>(units));
+    return;
+  }
+  std::vector<size_t> bounds(static_cast<size_t>(n) + 1, static_cast<size_t>(units));
+  bounds[0] = 0;
+  for (int64_t i = 1; i < n; i++) {  // the first unit at or past i/n of the cost
+    const int64_t target = total / n * i + total % n * i / n;
+    int64_t lo = static_cast<int64_t>(bounds[i - 1]), hi = units;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (cost_before(mid) < target) lo = mid + 1;
+      else hi = mid;
+    }
+    bounds[i] = static_cast<size_t>(lo);
+  }
+  executorch::extension::threadpool::get_threadpool()->run(
+      [&](size_t i) {
+        if (bounds[i] < bounds[i + 1]) kernel(bounds[i], bounds[i + 1]);
+      },
+      static_cast<size_t>(n));
+}
+
+// Units of equal cost: `work` multiply-adds over `units`.
 template <typename Kernel>
-void for_row_blocks(int64_t blocks, int64_t work, Kernel kernel) {
-  const int64_t grain = work <= 0 ? blocks : std::max<int64_t>(1, blocks * 16384 / work);
-  executorch::extension::parallel_for(0, blocks, std::max<int64_t>(grain, 1), [&](int64_t b0, int64_t b1) {
-    kernel(static_cast<size_t>(b0), static_cast<size_t>(b1));
-  });
+void for_uniform(int64_t units, int64_t work, Kernel kernel) {
+  const int64_t per_unit = units > 0 ? std::max<int64_t>(1, work / units) : 1;
+  for_balanced(units, [per_unit](int64_t u) { return u * per_unit; }, kernel);
+}
+
+// The row blocks of a BCSR weight run over `rows` input rows (or pixels): each block costs its
+// nonzeros times the rows, plus one (the bias and the store of its outputs).
+template <typename Kernel>
+void for_row_blocks(int64_t blocks, const int32_t* row_ptr, int64_t macs_per_nonzero, Kernel kernel) {
+  for_balanced(blocks, [=](int64_t b) { return (static_cast<int64_t>(row_ptr[b]) + b) * macs_per_nonzero; }, kernel);
 }
 
 es_bcsr_f32 describe(const Tensor& values, const Tensor& col_idx, const Tensor& row_ptr,
@@ -99,11 +153,9 @@ es_bcsr_f32 describe(const Tensor& values, const Tensor& col_idx, const Tensor& 
                      data_or_null(bias)};
 }
 
-// the row blocks of w and the multiply-adds of one call over `rows` input rows (or pixels)
+// the row blocks of w, and the multiply-adds of one nonzero block over `rows` input rows (or pixels)
 int64_t row_blocks(const es_bcsr_f32& w) { return static_cast<int64_t>(es_bcsr_row_blocks(&w)); }
-int64_t bcsr_work(const es_bcsr_f32& w, size_t rows) {
-  return static_cast<int64_t>(w.row_ptr[row_blocks(w)]) * static_cast<int64_t>(w.block_rows * w.block_cols * rows);
-}
+int64_t bcsr_macs(const es_bcsr_f32& w, size_t rows) { return static_cast<int64_t>(w.block_rows * w.block_cols * rows); }
 
 // y[..., out] = W x[..., in] + bias
 Tensor& bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
@@ -116,7 +168,8 @@ Tensor& bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor
   const size_t rows = static_cast<size_t>(x.numel() / in_features);
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
-  for_row_blocks(row_blocks(w), bcsr_work(w, rows), [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, yp, b0, b1); });
+  for_row_blocks(row_blocks(w), w.row_ptr, bcsr_macs(w, rows),
+                 [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, yp, b0, b1); });
   return out;
 }
 
@@ -132,7 +185,74 @@ Tensor& bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tenso
   for (ssize_t n = 0; n < x.size(0); n++) {
     const float* xp = x.const_data_ptr<float>() + n * in_features * pixels;
     float* yp = out.mutable_data_ptr<float>() + n * out_features * pixels;
-    for_row_blocks(row_blocks(w), bcsr_work(w, pixels), [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xp, yp, b0, b1); });
+    for_row_blocks(row_blocks(w), w.row_ptr, bcsr_macs(w, pixels),
+                   [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xp, yp, b0, b1); });
+  }
+  return out;
+}
+
+// 1x1 convolution, NCHW, with its consumers fused: out = clamp(W x + bias + residual, min, max)
+// (residual optional, [N, out, H, W]); threads split the row blocks as in bcsr_conv1x1.
+Tensor& bcsr_conv1x1_fused_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
+                               const Tensor& row_ptr, const std::optional<Tensor>& bias,
+                               const std::optional<Tensor>& residual, int64_t block_rows, int64_t block_cols,
+                               int64_t in_features, int64_t out_features, double min, double max, Tensor& out) {
+  const char* op = "bcsr_conv1x1_fused";
+  if (!check_weights(ctx, op, values, col_idx, row_ptr, bias, block_rows, block_cols, in_features, out_features) ||
+      !check_input(ctx, op, x, in_features, true))
+    return out;
+  if (residual.has_value() &&
+      (residual->scalar_type() != ScalarType::Float || residual->dim() != 4 || residual->size(0) != x.size(0) ||
+       residual->size(1) != out_features || residual->size(2) != x.size(2) || residual->size(3) != x.size(3))) {
+    fail(ctx, op, "residual must be float [N, out_features, H, W]");
+    return out;
+  }
+  if (!resize_nchw(ctx, x, out_features, out)) return out;
+  const es_bcsr_f32 w = describe(values, col_idx, row_ptr, bias, block_rows, block_cols, in_features, out_features);
+  const size_t pixels = static_cast<size_t>(x.size(2) * x.size(3));
+  for (ssize_t n = 0; n < x.size(0); n++) {
+    const float* xp = x.const_data_ptr<float>() + n * in_features * pixels;
+    float* yp = out.mutable_data_ptr<float>() + n * out_features * pixels;
+    const es_epilogue_f32 e{residual.has_value() ? residual->const_data_ptr<float>() + n * out_features * pixels : nullptr,
+                            static_cast<float>(min), static_cast<float>(max)};
+    for_row_blocks(row_blocks(w), w.row_ptr, bcsr_macs(w, pixels),
+                   [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_fused_blocks(&w, &e, pixels, xp, yp, b0, b1); });
+  }
+  return out;
+}
+
+// Depthwise 3x3 convolution, NCHW, padding 1, stride 1 or 2, bias and clamp fused; weight
+// [C, 1, 3, 3]. Threads split the channels; each uses its own scratch plane.
+Tensor& dwconv3x3_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                      int64_t stride, double min, double max, Tensor& out) {
+  const bool ok = x.scalar_type() == ScalarType::Float && weight.scalar_type() == ScalarType::Float && x.dim() == 4 &&
+                  weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 && weight.size(2) == 3 &&
+                  weight.size(3) == 3 && optional_float(bias, x.size(1)) && (stride == 1 || stride == 2) &&
+                  x.size(2) > 0 && x.size(3) > 0;
+  if (!ok) {
+    fail(ctx, "dwconv3x3", "float x [N, C, H, W], weight [C, 1, 3, 3], bias [C], stride 1 or 2 expected");
+    return out;
+  }
+  const size_t h = static_cast<size_t>(x.size(2)), wd = static_cast<size_t>(x.size(3)), s = static_cast<size_t>(stride);
+  const size_t oh = es_dwconv3x3_out_size(h, s), ow = es_dwconv3x3_out_size(wd, s);
+  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(x.size(1)),
+                        static_cast<SizesType>(oh), static_cast<SizesType>(ow)};
+  if (executorch::runtime::resize_tensor(out, {sizes, 4}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const size_t channels = static_cast<size_t>(x.size(1));
+  const es_dwconv3x3_f32 w{channels, s, weight.const_data_ptr<float>(), data_or_null(bias), static_cast<float>(min),
+                           static_cast<float>(max)};
+  const size_t scratch_floats = es_f32_dwconv3x3_scratch(h, wd, s);
+  for (ssize_t n = 0; n < x.size(0); n++) {
+    const float* xp = x.const_data_ptr<float>() + n * channels * h * wd;
+    float* yp = out.mutable_data_ptr<float>() + n * channels * oh * ow;
+    for_uniform(static_cast<int64_t>(channels), static_cast<int64_t>(9 * oh * ow * channels), [&](size_t c0, size_t c1) {
+      thread_local std::vector<float> scratch;  // this pool thread's own; grows to the largest plane seen
+      if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);
+      es_f32_dwconv3x3_nchw_channels(&w, h, wd, xp, yp, scratch.data(), c0, c1);
+    });
   }
   return out;
 }
@@ -165,8 +285,8 @@ Tensor& nm_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
   const size_t rows = static_cast<size_t>(x.numel() / in_features);
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
-  for_row_blocks(out_features, values.numel() * static_cast<int64_t>(rows),
-                 [&](size_t o0, size_t o1) { es_f32_nm_linear_outs(&w, rows, xp, yp, o0, o1); });
+  for_uniform(out_features, values.numel() * static_cast<int64_t>(rows),
+              [&](size_t o0, size_t o1) { es_f32_nm_linear_outs(&w, rows, xp, yp, o0, o1); });
   return out;
 }
 
@@ -181,8 +301,8 @@ Tensor& nm_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor&
   for (ssize_t i = 0; i < x.size(0); i++) {
     const float* xp = x.const_data_ptr<float>() + i * in_features * pixels;
     float* yp = out.mutable_data_ptr<float>() + i * out_features * pixels;
-    for_row_blocks(out_features, values.numel() * static_cast<int64_t>(pixels),
-                   [&](size_t o0, size_t o1) { es_f32_nm_conv1x1_nchw_outs(&w, pixels, xp, yp, o0, o1); });
+    for_uniform(out_features, values.numel() * static_cast<int64_t>(pixels),
+                [&](size_t o0, size_t o1) { es_f32_nm_conv1x1_nchw_outs(&w, pixels, xp, yp, o0, o1); });
   }
   return out;
 }
@@ -203,12 +323,10 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   const size_t rows = static_cast<size_t>(x.numel() / weight_t.size(0));
   const float* xp = x.const_data_ptr<float>();
   float* yp = out.mutable_data_ptr<float>();
-  // column chunks of 256 outputs (whole cache lines), at least ~64k multiply-adds each
+  // column chunks of 256 outputs (whole cache lines)
   const int64_t chunks = static_cast<int64_t>((w.out + 255) / 256);
-  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(65536 / (256 * w.in * rows + 1)));
-  executorch::extension::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-    es_f32_actsparse_linear_cols(&w, static_cast<float>(threshold), rows, xp, yp, static_cast<size_t>(c0) * 256,
-                                 std::min(w.out, static_cast<size_t>(c1) * 256));
+  for_uniform(chunks, static_cast<int64_t>(w.in * w.out * rows), [&](size_t c0, size_t c1) {
+    es_f32_actsparse_linear_cols(&w, static_cast<float>(threshold), rows, xp, yp, c0 * 256, std::min(w.out, c1 * 256));
   });
   return out;
 }
@@ -240,14 +358,13 @@ Tensor& actsparse_gated_mlp_out(KernelRuntimeContext& ctx, const Tensor& x, cons
   float* hp = h.data();
   const float* xp = x.const_data_ptr<float>();
   const float t = static_cast<float>(threshold);
-  executorch::extension::parallel_for(0, static_cast<int64_t>(hidden), std::max<int64_t>(1, 32768 / (2 * in * rows + 1)),
-                                      [&](int64_t i0, int64_t i1) { es_f32_gated_mlp_hidden(&w, t, rows, xp, hp, i0, i1); });
+  for_uniform(static_cast<int64_t>(hidden), static_cast<int64_t>(2 * in * hidden * rows),
+              [&](size_t i0, size_t i1) { es_f32_gated_mlp_hidden(&w, t, rows, xp, hp, i0, i1); });
   const es_actsparse_f32 down = es_gated_mlp_down(&w);
   float* yp = out.mutable_data_ptr<float>();
   const int64_t chunks = static_cast<int64_t>((w.out + 255) / 256);
-  executorch::extension::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    es_f32_actsparse_linear_cols(&down, 0.0f, rows, hp, yp, static_cast<size_t>(c0) * 256,
-                                 std::min(w.out, static_cast<size_t>(c1) * 256));
+  for_uniform(chunks, static_cast<int64_t>(w.hidden * w.out * rows), [&](size_t c0, size_t c1) {
+    es_f32_actsparse_linear_cols(&down, 0.0f, rows, hp, yp, c0 * 256, std::min(w.out, c1 * 256));
   });
   return out;
 }
@@ -280,7 +397,7 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   const float* xsp = x_scale.data();
   float* yp = out.mutable_data_ptr<float>();
   const int64_t blocks = static_cast<int64_t>((w.out + w.block_rows - 1) / w.block_rows);
-  for_row_blocks(blocks, static_cast<int64_t>(w.row_ptr[blocks]) * static_cast<int64_t>(w.block_rows * rows),
+  for_row_blocks(blocks, w.row_ptr, static_cast<int64_t>(w.block_rows * rows),
                  [&](size_t b0, size_t b1) { es_qs8_bcsr_linear_blocks(&w, rows, xqp, xsp, yp, nullptr, b0, b1); });
   return out;
 }
@@ -379,6 +496,8 @@ Tensor& qs8_actsparse_gated_mlp_out(KernelRuntimeContext& ctx, const Tensor& x, 
 
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_linear.out", bcsr_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1.out", bcsr_conv1x1_out);
+EXECUTORCH_LIBRARY(edgesparse, "bcsr_conv1x1_fused.out", bcsr_conv1x1_fused_out);
+EXECUTORCH_LIBRARY(edgesparse, "dwconv3x3.out", dwconv3x3_out);
 EXECUTORCH_LIBRARY(edgesparse, "nm_linear.out", nm_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "nm_conv1x1.out", nm_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);

@@ -25,30 +25,75 @@ using namespace ort_abi;
 Api g_api{nullptr};
 bool g_parallel = false;  // the runtime's table has KernelContext_ParallelFor (API >= 17)
 
-// How many pieces to cut `units` (row blocks, output channels, column chunks) into: at least
-// ~16k multiply-adds each (`work` for all of them), at most 64.
+// ---- threads ----------------------------------------------------------------------------------
+// A call is cut into pieces of equal work (multiply-adds: the nonzeros in row_ptr for BCSR, not
+// the row count, since a pruned layer's rows differ a lot), whole row blocks / outputs / column
+// chunks each, so results are bit-identical across thread counts. Below kMinMacsPerPiece * 2
+// multiply-adds a call runs on the calling thread: handing out pieces on ORT's pool costs more
+// than such a call gains (the cause of the sparse MobileNetV2's slowdown at 2 threads, whose
+// layers were cut into pieces of 16k multiply-adds). ORT does not tell a custom op its pool size:
+// kMaxPieces leaves spare pieces for the threads of any usual pool to balance with.
+constexpr int64_t kMinMacsPerPiece = int64_t{1} << 17;
+constexpr int64_t kMaxPieces = 16;
+
 size_t pieces(size_t units, int64_t work) {
-  const size_t by_work = static_cast<size_t>(std::max<int64_t>(1, work / 16384));
-  return std::max<size_t>(1, std::min<size_t>({units, by_work, 64}));
+  if (!g_parallel || work < 2 * kMinMacsPerPiece) return 1;
+  return static_cast<size_t>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(units), work / kMinMacsPerPiece, kMaxPieces})));
 }
 
-// body(u0, u1) over [0, units) cut in `n` pieces, on ORT's intra-op threads where it lends them.
-template <typename Body>
-void parallel(OrtKernelContext* ctx, size_t units, size_t n, const Body& body) {
+// body(u0, u1) over [0, units), cut into pieces of equal cost; cost_before(u) is the cost of units
+// [0, u) (non-decreasing; cost_before(units) the whole call's multiply-adds). On ORT's intra-op
+// threads where the runtime lends them (API >= 17), else here.
+template <typename Cost, typename Body>
+void parallel(OrtKernelContext* ctx, size_t units, const Cost& cost_before, const Body& body) {
+  const int64_t total = cost_before(units);
+  const size_t n = pieces(units, total);
+  if (n <= 1) {
+    body(size_t{0}, units);
+    return;
+  }
+  std::vector<size_t> bounds(n + 1, units);
+  bounds[0] = 0;
+  for (size_t i = 1; i < n; i++) {  // the first unit at or past i/n of the cost
+    const int64_t target = total / static_cast<int64_t>(n) * static_cast<int64_t>(i) +
+                           total % static_cast<int64_t>(n) * static_cast<int64_t>(i) / static_cast<int64_t>(n);
+    size_t lo = bounds[i - 1], hi = units;
+    while (lo < hi) {
+      const size_t mid = lo + (hi - lo) / 2;
+      if (cost_before(mid) < target) lo = mid + 1;
+      else hi = mid;
+    }
+    bounds[i] = lo;
+  }
   struct Job {
     const Body* body;
-    size_t units, n;
-  } job{&body, units, n};
+    const size_t* bounds;
+  } job{&body, bounds.data()};
   auto piece = [](void* data, size_t i) {
     const Job& j = *static_cast<const Job*>(data);
-    (*j.body)(j.units * i / j.n, j.units * (i + 1) / j.n);
+    if (j.bounds[i] < j.bounds[i + 1]) (*j.body)(j.bounds[i], j.bounds[i + 1]);
   };
-  if (g_parallel && n > 1) {
-    OrtStatus* status = g_api.call<KernelContext_ParallelForFn>(KernelContext_ParallelFor, ctx, piece, n, size_t{0}, &job);
-    if (!status) return;
-    g_api.call<ReleaseStatusFn>(ReleaseStatus, status);  // then run it here: pieces write disjoint outputs
-  }
+  OrtStatus* status = g_api.call<KernelContext_ParallelForFn>(KernelContext_ParallelFor, ctx, piece, n, size_t{0}, &job);
+  if (!status) return;
+  g_api.call<ReleaseStatusFn>(ReleaseStatus, status);  // then run it here: pieces write disjoint outputs
   for (size_t i = 0; i < n; i++) piece(&job, i);
+}
+
+// Units of equal cost: `work` multiply-adds over `units`.
+template <typename Body>
+void parallel_uniform(OrtKernelContext* ctx, size_t units, int64_t work, const Body& body) {
+  const int64_t per_unit = units ? std::max<int64_t>(1, work / static_cast<int64_t>(units)) : 1;
+  parallel(ctx, units, [per_unit](size_t u) { return static_cast<int64_t>(u) * per_unit; }, body);
+}
+
+// The row blocks of a BCSR weight over `rows` input rows (or pixels): each block costs its
+// nonzeros times the rows, plus one (its bias and the store of its outputs).
+template <typename Body>
+void parallel_row_blocks(OrtKernelContext* ctx, const es_bcsr_f32& w, size_t rows, const Body& body) {
+  const int64_t macs = static_cast<int64_t>(w.block_rows * w.block_cols * rows);
+  const int32_t* row_ptr = w.row_ptr;
+  parallel(ctx, es_bcsr_row_blocks(&w), [=](size_t b) { return (static_cast<int64_t>(row_ptr[b]) + static_cast<int64_t>(b)) * macs; },
+           body);
 }
 
 // A tensor view: dims, element type and data pointer of one OrtValue.
@@ -175,20 +220,16 @@ OrtStatus* bcsr_compute(const BcsrKernel& k, OrtKernelContext* ctx) {
   ES_ORT_TRY(bcsr_weights(k, ctx, &w));
   ES_ORT_TRY(prepare(ctx, x, k.conv, k.in_features, k.out_features, &y));
   const float* xp = static_cast<const float*>(x.data);
-  const size_t blocks = es_bcsr_row_blocks(&w);
-  const int64_t macs_per_row = static_cast<int64_t>(w.row_ptr[blocks]) * static_cast<int64_t>(w.block_rows * w.block_cols);
   if (k.conv) {
     const size_t pixels = static_cast<size_t>(x.dims[2] * x.dims[3]);
     for (int64_t n = 0; n < x.dims[0]; n++) {
       const float* xn = xp + n * k.in_features * pixels;
       float* yn = y + n * k.out_features * pixels;
-      parallel(ctx, blocks, pieces(blocks, macs_per_row * pixels),
-               [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xn, yn, b0, b1); });
+      parallel_row_blocks(ctx, w, pixels, [&](size_t b0, size_t b1) { es_f32_bcsr_conv1x1_nchw_blocks(&w, pixels, xn, yn, b0, b1); });
     }
   } else {
     const size_t rows = static_cast<size_t>(x.numel() / k.in_features);
-    parallel(ctx, blocks, pieces(blocks, macs_per_row * rows),
-             [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, y, b0, b1); });
+    parallel_row_blocks(ctx, w, rows, [&](size_t b0, size_t b1) { es_f32_bcsr_linear_blocks(&w, rows, xp, y, b0, b1); });
   }
   return nullptr;
 }
@@ -215,13 +256,13 @@ OrtStatus* nm_compute(const NmKernel& k, OrtKernelContext* ctx) {
     for (int64_t n = 0; n < x.dims[0]; n++) {
       const float* xn = xp + n * k.in_features * pixels;
       float* yn = y + n * k.out_features * pixels;
-      parallel(ctx, outs, pieces(outs, values.numel() * static_cast<int64_t>(pixels)),
-               [&](size_t o0, size_t o1) { es_f32_nm_conv1x1_nchw_outs(&w, pixels, xn, yn, o0, o1); });
+      parallel_uniform(ctx, outs, values.numel() * static_cast<int64_t>(pixels),
+                       [&](size_t o0, size_t o1) { es_f32_nm_conv1x1_nchw_outs(&w, pixels, xn, yn, o0, o1); });
     }
   } else {
     const size_t rows = static_cast<size_t>(x.numel() / k.in_features);
-    parallel(ctx, outs, pieces(outs, values.numel() * static_cast<int64_t>(rows)),
-             [&](size_t o0, size_t o1) { es_f32_nm_linear_outs(&w, rows, xp, y, o0, o1); });
+    parallel_uniform(ctx, outs, values.numel() * static_cast<int64_t>(rows),
+                     [&](size_t o0, size_t o1) { es_f32_nm_linear_outs(&w, rows, xp, y, o0, o1); });
   }
   return nullptr;
 }
@@ -240,7 +281,7 @@ OrtStatus* actsparse_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
                            static_cast<const float*>(wt.data), bias, 0};
   const size_t rows = static_cast<size_t>(x.numel() / wt.dims[0]);
   const size_t chunks = (w.out + 255) / 256;  // whole cache lines of outputs per piece
-  parallel(ctx, chunks, pieces(chunks, static_cast<int64_t>(w.in * w.out * rows)), [&](size_t c0, size_t c1) {
+  parallel_uniform(ctx, chunks, static_cast<int64_t>(w.in * w.out * rows), [&](size_t c0, size_t c1) {
     es_f32_actsparse_linear_cols(&w, k.threshold, rows, static_cast<const float*>(x.data), y, c0 * 256,
                                  std::min(w.out, c1 * 256));
   });
@@ -269,11 +310,11 @@ OrtStatus* gated_mlp_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
   const size_t rows = static_cast<size_t>(x.numel() / in);
   std::vector<float> h(rows * w.hidden);
   const float* xp = static_cast<const float*>(x.data);
-  parallel(ctx, w.hidden, pieces(w.hidden, static_cast<int64_t>(2 * w.in * w.hidden * rows)),
-           [&](size_t i0, size_t i1) { es_f32_gated_mlp_hidden(&w, k.threshold, rows, xp, h.data(), i0, i1); });
+  parallel_uniform(ctx, w.hidden, static_cast<int64_t>(2 * w.in * w.hidden * rows),
+                   [&](size_t i0, size_t i1) { es_f32_gated_mlp_hidden(&w, k.threshold, rows, xp, h.data(), i0, i1); });
   const es_actsparse_f32 down = es_gated_mlp_down(&w);
   const size_t chunks = (w.out + 255) / 256;
-  parallel(ctx, chunks, pieces(chunks, static_cast<int64_t>(w.hidden * w.out * rows)), [&](size_t c0, size_t c1) {
+  parallel_uniform(ctx, chunks, static_cast<int64_t>(w.hidden * w.out * rows), [&](size_t c0, size_t c1) {
     es_f32_actsparse_linear_cols(&down, 0.0f, rows, h.data(), y, c0 * 256, std::min(w.out, c1 * 256));
   });
   return nullptr;
@@ -437,7 +478,7 @@ OrtStatus* compute_qs8_actsparse(void* kernel, OrtKernelContext* ctx) {
   std::vector<float> x_scale(k.dynamic ? rows : 0);
   if (k.dynamic) es_qs8_quantize_rows(rows, w.in, xp, xq.data(), x_scale.data());
   const size_t chunks = (w.out + 255) / 256;
-  parallel(ctx, chunks, pieces(chunks, static_cast<int64_t>(w.in * w.out * rows)), [&](size_t c0, size_t c1) {
+  parallel_uniform(ctx, chunks, static_cast<int64_t>(w.in * w.out * rows), [&](size_t c0, size_t c1) {
     const size_t o0 = c0 * 256, o1 = std::min(w.out, c1 * 256);
     if (k.dynamic)
       es_qs8_actsparse_linear_cols(&w, k.threshold, rows, xp, xq.data(), x_scale.data(), y, o0, o1);
@@ -474,12 +515,12 @@ OrtStatus* compute_qs8_gated_mlp(void* kernel, OrtKernelContext* ctx) {
   std::vector<float> h(rows * w.hidden);
   const float* xp = static_cast<const float*>(x.data);
   const size_t tiles = (w.hidden + 63) / 64;  // the GEMV's register tile: pieces of whole tiles
-  parallel(ctx, tiles, pieces(tiles, static_cast<int64_t>(2 * w.in * w.hidden * rows)), [&](size_t a, size_t b) {
+  parallel_uniform(ctx, tiles, static_cast<int64_t>(2 * w.in * w.hidden * rows), [&](size_t a, size_t b) {
     es_f32_qc8w_gated_mlp_hidden(&w, k.threshold, rows, xp, h.data(), a * 64, std::min(w.hidden, b * 64));
   });
   const es_actsparse_qc8w down = es_gated_mlp_qc8w_down(&w);
   const size_t chunks = (w.out + 255) / 256;
-  parallel(ctx, chunks, pieces(chunks, static_cast<int64_t>(w.hidden * w.out * rows)), [&](size_t c0, size_t c1) {
+  parallel_uniform(ctx, chunks, static_cast<int64_t>(w.hidden * w.out * rows), [&](size_t c0, size_t c1) {
     es_f32_qc8w_actsparse_linear_cols(&down, 0.0f, rows, h.data(), y, c0 * 256, std::min(w.out, c1 * 256));
   });
   return nullptr;

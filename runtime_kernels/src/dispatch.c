@@ -20,11 +20,19 @@ typedef void (*es_nm_fn)(const es_nm_f32*, size_t, const float*, float*, size_t,
 
 typedef void (*es_gated_fn)(const es_gated_mlp_f32*, float, size_t, const float*, float*, size_t, size_t);
 
+typedef void (*es_fused_fn)(const es_bcsr_f32*, const es_epilogue_f32*, size_t, const float*, float*, size_t, size_t);
+
+typedef void (*es_dwconv_fn)(const es_dwconv3x3_f32*, size_t, size_t, const float*, float*, float*, size_t, size_t);
+
 typedef void (*es_qs8_fn)(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t);
 
 #define ES_DECLARE(isa)                                                                                \
   void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
   void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
+  void es_f32_bcsr_conv1x1_nchw_fused__##isa(const es_bcsr_f32*, const es_epilogue_f32*, size_t, const float*, float*, \
+                                             size_t, size_t);                                                    \
+  void es_f32_dwconv3x3_nchw__##isa(const es_dwconv3x3_f32*, size_t, size_t, const float*, float*, float*, size_t, \
+                                    size_t);                                                                      \
   void es_f32_actsparse_linear__##isa(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t); \
   void es_f32_gated_mlp_hidden__##isa(const es_gated_mlp_f32*, float, size_t, const float*, float*, size_t, size_t); \
   void es_qs8_bcsr_linear__##isa(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t); \
@@ -68,12 +76,14 @@ static const struct {
   es_nm_fn nm_linear;
   es_nm_fn nm_conv1x1;
   es_gated_fn gated_hidden;
+  es_fused_fn conv1x1_fused;
+  es_dwconv_fn dwconv3x3;
 } es_table[] = {  /* best first */
 /* a row: its name, the ISA of its f32 kernels and the ISA of its int8 kernels */
 #define ES_ROW(name, f32, qs8)                                                                               \
   {#name, es_f32_bcsr_linear__##f32, es_f32_bcsr_conv1x1_nchw__##f32, es_f32_actsparse_linear__##f32,          \
    es_qs8_bcsr_linear__##qs8, es_f32_nm_linear__##f32, es_f32_nm_conv1x1_nchw__##f32,                           \
-   es_f32_gated_mlp_hidden__##f32}
+   es_f32_gated_mlp_hidden__##f32, es_f32_bcsr_conv1x1_nchw_fused__##f32, es_f32_dwconv3x3_nchw__##f32}
 #if defined(__x86_64__)
     ES_ROW(avx512vnni, avx512, avx512vnni),
     ES_ROW(avx512, avx512, avx512),
@@ -140,6 +150,29 @@ void es_f32_bcsr_linear_blocks(const es_bcsr_f32* w, size_t n, const float* x, f
 void es_f32_bcsr_conv1x1_nchw_blocks(const es_bcsr_f32* w, size_t pixels, const float* x, float* y, size_t b0,
                                      size_t b1) {
   es_table[es_select()].conv1x1(w, pixels, x, y, b0, b1);
+}
+
+void es_f32_bcsr_conv1x1_nchw_fused_blocks(const es_bcsr_f32* w, const es_epilogue_f32* e, size_t pixels,
+                                           const float* x, float* y, size_t b0, size_t b1) {
+  es_table[es_select()].conv1x1_fused(w, e, pixels, x, y, b0, b1);
+}
+
+size_t es_dwconv3x3_out_size(size_t in, size_t stride) { return (in - 1) / stride + 1; }
+
+/* the layouts f32-dwconv.inc uses: the padded plane, then (stride 1) the output with its junk
+ * columns or (stride 2) every padded row split into even and odd columns, with room for whole vectors;
+ * or, for small output planes, a block of channels transposed (input, 9 taps + bias, output) */
+size_t es_f32_dwconv3x3_scratch(size_t height, size_t width, size_t stride) {
+  const size_t oh = es_dwconv3x3_out_size(height, stride), ow = es_dwconv3x3_out_size(width, stride);
+  const size_t rest = stride == 1 ? oh * (width + 2) + ES_DW_SLACK : 2 * (height + 2) * (ow + 1 + 2 * ES_DW_SLACK);
+  const size_t padded = (height + 2) * (width + 2) + ES_DW_SLACK + rest;
+  const size_t small = (height * width + 10 + oh * ow) * ES_DW_CHANNEL_BLOCK;
+  return padded > small ? padded : small;
+}
+
+void es_f32_dwconv3x3_nchw_channels(const es_dwconv3x3_f32* w, size_t height, size_t width, const float* x, float* y,
+                                    float* scratch, size_t c0, size_t c1) {
+  es_table[es_select()].dwconv3x3(w, height, width, x, y, scratch, c0, c1);
 }
 
 void es_f32_bcsr_linear(const es_bcsr_f32* w, size_t n, const float* x, float* y) {

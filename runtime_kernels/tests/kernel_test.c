@@ -472,6 +472,97 @@ static void qs8_actsparse_tests(int* passed, int* failed) {
       }
 }
 
+/* fused 1x1 conv: residual on / off, ReLU6 / ReLU / no clamp; pixel counts below, at and past a
+ * vector (the few-pixels path, tiles, remainders); Rx1 and 1xC blocks; split row blocks */
+static void fused_tests(int* passed, int* failed) {
+  const size_t block_shapes[][2] = {{1, 1}, {4, 1}, {8, 1}, {1, 4}};
+  const size_t pixel_counts[] = {1, 3, 16, 37};
+  const float clamps[][2] = {{0.0f, 6.0f}, {0.0f, INFINITY}, {-INFINITY, INFINITY}, {-0.3f, 0.2f}};
+  for (size_t bi = 0; bi < 4; bi++)
+    for (size_t pi = 0; pi < 4; pi++)
+      for (size_t ci = 0; ci < 4; ci++)
+        for (int with_res = 0; with_res < 2; with_res++) {
+          const size_t R = block_shapes[bi][0], C = block_shapes[bi][1], out = 21, in = 24, n = pixel_counts[pi];
+          packed p = make_blocks(out, in, R, C, 0.4, 0);
+          float* bias = malloc(out * sizeof(float));
+          for (size_t o = 0; o < out; o++) bias[o] = frand();
+          float* x = malloc(in * n * sizeof(float));
+          float* res = malloc(out * n * sizeof(float));
+          float* y = malloc(out * n * sizeof(float));
+          double* want = malloc(out * n * sizeof(double));
+          for (size_t i = 0; i < in * n; i++) x[i] = 4.0f * frand();
+          for (size_t i = 0; i < out * n; i++) res[i] = 4.0f * frand();
+          for (size_t o = 0; o < out; o++)
+            for (size_t px = 0; px < n; px++) {
+              double acc = bias[o] + (with_res ? res[o * n + px] : 0.0);
+              for (size_t c = 0; c < in; c++) acc += (double)p.dense[o * in + c] * x[c * n + px];
+              want[o * n + px] = fmin(fmax(acc, clamps[ci][0]), clamps[ci][1]);
+            }
+          es_bcsr_f32 w = {out, in, R, C, p.values, p.col, p.ptr, bias};
+          es_epilogue_f32 e = {with_res ? res : NULL, clamps[ci][0], clamps[ci][1]};
+          const size_t blocks = es_bcsr_row_blocks(&w);
+          for (size_t isa = 0; isa < NISAS; isa++) {
+            if (es_force_isa(ISAS[isa]) != 0) continue;
+            char what[160];
+            snprintf(what, sizeof what, "%s conv1x1 fused px=%zu %zux%zu clamp=[%g,%g] residual=%d", ISAS[isa], n, R, C,
+                     clamps[ci][0], clamps[ci][1], with_res);
+            es_f32_bcsr_conv1x1_nchw_fused_blocks(&w, &e, n, x, y, blocks / 2, blocks);
+            es_f32_bcsr_conv1x1_nchw_fused_blocks(&w, &e, n, x, y, 0, blocks / 2);
+            close_enough(y, want, out * n, what) ? (*passed)++ : (*failed)++;
+          }
+          es_force_isa(NULL);
+          free(p.values); free(p.col); free(p.ptr); free(p.dense); free(bias); free(x); free(res); free(y); free(want);
+        }
+}
+
+/* depthwise 3x3: stride 1 and 2, planes from 1x1 to wider than a vector, odd and even sizes,
+ * non-square, with / without bias, clamps; channels split in two calls */
+static void dwconv_tests(int* passed, int* failed) {
+  const size_t planes[][2] = {{1, 1}, {2, 2}, {4, 4}, {7, 7}, {8, 8}, {5, 19}, {32, 32}, {33, 18}};
+  const float clamps[][2] = {{0.0f, 6.0f}, {-INFINITY, INFINITY}};
+  for (size_t pi = 0; pi < sizeof(planes) / sizeof(planes[0]); pi++)
+    for (size_t stride = 1; stride <= 2; stride++)
+      for (size_t ci = 0; ci < 2; ci++)
+        for (int with_bias = 0; with_bias < 2; with_bias++) {
+          const size_t h = planes[pi][0], wd = planes[pi][1], ch = pi % 2 ? 70 : 5; /* 70: past one channel block */
+          const size_t oh = es_dwconv3x3_out_size(h, stride), ow = es_dwconv3x3_out_size(wd, stride);
+          float* k = malloc(ch * 9 * sizeof(float));
+          float* bias = malloc(ch * sizeof(float));
+          float* x = malloc(ch * h * wd * sizeof(float));
+          float* y = malloc((ch * oh * ow + 1) * sizeof(float));
+          double* want = malloc(ch * oh * ow * sizeof(double));
+          for (size_t i = 0; i < ch * 9; i++) k[i] = frand();
+          for (size_t i = 0; i < ch; i++) bias[i] = frand();
+          for (size_t i = 0; i < ch * h * wd; i++) x[i] = 4.0f * frand();
+          for (size_t c = 0; c < ch; c++)
+            for (size_t oy = 0; oy < oh; oy++)
+              for (size_t ox = 0; ox < ow; ox++) {
+                double acc = with_bias ? bias[c] : 0.0;
+                for (long ky = 0; ky < 3; ky++)
+                  for (long kx = 0; kx < 3; kx++) {
+                    const long iy = (long)(oy * stride) + ky - 1, ix = (long)(ox * stride) + kx - 1;
+                    if (iy >= 0 && iy < (long)h && ix >= 0 && ix < (long)wd)
+                      acc += (double)k[c * 9 + ky * 3 + kx] * x[(c * h + iy) * wd + ix];
+                  }
+                want[(c * oh + oy) * ow + ox] = fmin(fmax(acc, clamps[ci][0]), clamps[ci][1]);
+              }
+          es_dwconv3x3_f32 w = {ch, stride, k, with_bias ? bias : NULL, clamps[ci][0], clamps[ci][1]};
+          float* scratch = malloc(es_f32_dwconv3x3_scratch(h, wd, stride) * sizeof(float));
+          for (size_t isa = 0; isa < NISAS; isa++) {
+            if (es_force_isa(ISAS[isa]) != 0) continue;
+            char what[160];
+            snprintf(what, sizeof what, "%s dwconv3x3 %zux%zu stride %zu clamp=[%g,%g] bias=%d", ISAS[isa], h, wd, stride,
+                     clamps[ci][0], clamps[ci][1], with_bias);
+            y[ch * oh * ow] = 12345.0f;
+            es_f32_dwconv3x3_nchw_channels(&w, h, wd, x, y, scratch, 2, ch);
+            es_f32_dwconv3x3_nchw_channels(&w, h, wd, x, y, scratch, 0, 2);
+            (close_enough(y, want, ch * oh * ow, what) && y[ch * oh * ow] == 12345.0f) ? (*passed)++ : (*failed)++;
+          }
+          es_force_isa(NULL);
+          free(k); free(bias); free(x); free(y); free(want); free(scratch);
+        }
+}
+
 int main(void) {
   const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 33}, {20, 12, 7}};
   const size_t block_shapes[][2] = {{1, 1}, {2, 1}, {4, 1}, {8, 1}, {1, 2}, {1, 4}, {1, 8}, {1, 16}};
@@ -547,6 +638,8 @@ int main(void) {
           free(xbuf); free(ybuf); free(want_lin); free(want_conv);
         }
   nm_tests(&passed, &failed);
+  fused_tests(&passed, &failed);
+  dwconv_tests(&passed, &failed);
   actsparse_tests(&passed, &failed);
   gated_tests(&passed, &failed);
   qs8_tests(&passed, &failed);

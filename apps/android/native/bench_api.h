@@ -8,7 +8,7 @@ extern "C" {
 #endif
 
 // Runs the runner with `argc` arguments (`argv[0]` is the .pte path, then the runner's options:
-// --runs N --warmup W --min-seconds S --input F --output F) and writes its one JSON line to
+// --runs N --warmup W --min-seconds S --threads T --input F --output F) and writes its one JSON line to
 // `json_path`. Returns the runner's exit code (0, or 2 with {"error": ...} in the file), or -1
 // when `json_path` cannot be written. Calls are serialized: the runner prints to stdout.
 int edgesparse_bench_run(int argc, const char* const* argv, const char* json_path);

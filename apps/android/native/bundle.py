@@ -17,7 +17,7 @@ from edgesparse.devices.remote import runner_bundle
 LOADER = "ld-linux-aarch64.so.1"
 # `sh edgesparse-bench ...`: sh, not a #! line, is what Android and Linux both have (/system/bin/sh)
 LAUNCHER = f"""#!/bin/sh
-# edgesparse-bench MODEL.pte [--runs N] [--warmup W] [--min-seconds S] [--input F.f32] [--output F.f32]
+# edgesparse-bench MODEL.pte [--runs N] [--warmup W] [--min-seconds S] [--threads T] [--input F.f32] [--output F.f32]
 # glibc's loader from this folder loads the runner and every library from this folder: the
 # system's loader (bionic on Android) and libraries are never used.
 d=$(cd "$(dirname "$0")" && pwd)

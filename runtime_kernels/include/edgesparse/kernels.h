@@ -49,6 +49,44 @@ void es_f32_bcsr_linear_blocks(const es_bcsr_f32* w, size_t n, const float* x, f
 void es_f32_bcsr_conv1x1_nchw_blocks(const es_bcsr_f32* w, size_t pixels, const float* x, float* y, size_t b0,
                                      size_t b1);
 
+/* A 1x1 conv with its consumers fused, so a chain of layers stays on these kernels (no trip
+ * through another runtime's layout): y = clamp(W x + bias + residual, min, max), where residual
+ * is [out, pixels] (the tensor a skip connection adds) or NULL, and min/max are +-INFINITY when
+ * there is no activation (ReLU: 0, INFINITY; ReLU6: 0, 6). */
+typedef struct {
+  const float* residual;  /* [out, pixels] or NULL */
+  float min, max;
+} es_epilogue_f32;
+
+void es_f32_bcsr_conv1x1_nchw_fused_blocks(const es_bcsr_f32* w, const es_epilogue_f32* e, size_t pixels,
+                                           const float* x, float* y, size_t b0, size_t b1);
+
+/* Depthwise 3x3 convolution in NCHW, padding 1, stride 1 or 2, bias and clamp fused:
+ *   y[c, oy, ox] = clamp(bias[c] + sum_{ky,kx} weights[c, ky, kx] x[c, oy*s + ky - 1, ox*s + kx - 1])
+ * (x outside the image is 0), for one image, channels [c0, c1) (threads split that range).
+ * x [channels, height, width], y [channels, out_h, out_w] with out = (in - 1) / stride + 1.
+ * The SIMD variants zero-pad each channel into `scratch` (es_f32_dwconv3x3_scratch floats, one
+ * buffer per thread) so every tap is a contiguous vector load, over the whole plane at once:
+ * that keeps the lanes full on the small planes of the last layers. */
+typedef struct {
+  size_t channels;
+  size_t stride;          /* 1 or 2 */
+  const float* weights;   /* [channels, 3, 3] */
+  const float* bias;      /* [channels] or NULL */
+  float min, max;         /* the fused activation's clamp */
+} es_dwconv3x3_f32;
+
+/* floats of room the SIMD variants leave past each scratch plane (whole-vector loads at the end) */
+#define ES_DW_SLACK 32
+/* output planes of at most this many pixels are computed across channels, this many at a time */
+#define ES_DW_SMALL_PLANE 16
+#define ES_DW_CHANNEL_BLOCK 64
+
+size_t es_dwconv3x3_out_size(size_t in, size_t stride);
+size_t es_f32_dwconv3x3_scratch(size_t height, size_t width, size_t stride);
+void es_f32_dwconv3x3_nchw_channels(const es_dwconv3x3_f32* w, size_t height, size_t width, const float* x, float* y,
+                                    float* scratch, size_t c0, size_t c1);
+
 /* 1 if the kernels run blocks of R x C (see the format above), else 0. */
 int es_bcsr_shape_supported(size_t block_rows, size_t block_cols);
 

@@ -26,3 +26,13 @@ void es_f32_bcsr_conv1x1_nchw__scalar(const es_bcsr_f32* w, size_t pixels, const
             y[(b * R + r) * pixels + p] +=
                 w->values[((size_t)k * R + r) * C + j] * x[((size_t)w->col_idx[k] + j) * pixels + p];
 }
+
+void es_f32_bcsr_conv1x1_nchw_fused__scalar(const es_bcsr_f32* w, const es_epilogue_f32* e, size_t pixels,
+                                            const float* x, float* y, size_t b0, size_t b1) {
+  es_f32_bcsr_conv1x1_nchw__scalar(w, pixels, x, y, b0, b1);
+  for (size_t o = b0 * w->block_rows; o < b1 * w->block_rows && o < w->out; o++)
+    for (size_t p = 0; p < pixels; p++) {
+      float v = y[o * pixels + p] + (e->residual ? e->residual[o * pixels + p] : 0.0f);
+      y[o * pixels + p] = v < e->min ? e->min : (v > e->max ? e->max : v);
+    }
+}
