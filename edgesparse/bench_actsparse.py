@@ -258,11 +258,14 @@ def _swapped_mlp(model, int8: bool):
 
 def _interleaved_on(prefix: list[str], dense: tuple, sparse: tuple, rounds: int, runs: int, label: str):
     """_interleaved with the runner started under `prefix` (e.g. taskset -c 0)."""
+    import os
+
     from edgesparse.devices.local import parse_runner_output
     from edgesparse.runtime_kernels import RUNNER
 
     def once(pte: Path, x_path: Path | None = None) -> float:
-        argv = [*prefix, str(RUNNER), str(pte), "--runs", str(runs), "--warmup", str(max(3, runs // 10))]
+        argv = [*prefix, str(RUNNER), str(pte), "--runs", str(runs), "--warmup", str(max(3, runs // 10)),
+                "--threads", "1" if prefix else str(os.cpu_count())]  # pinned: one pool thread; else one per core
         if x_path is not None:
             argv += ["--input", str(x_path)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
