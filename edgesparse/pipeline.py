@@ -66,7 +66,7 @@ def export_model(
     if recipe.act_sparsity.active:
         act_record = actsparse.sparsify(result.model, bundle, recipe.act_sparsity, finetune=finetune)
     if int8_act:  # thresholded layers -> our int8 ops, then the other linears int8-dynamic (XNNPACK)
-        if not runtime_kernels.register_with_exporter():
+        if not runtime_kernels.available():
             raise EdgesparseError("activation sparsity on int8 weights needs the edgesparse kernels", hint="run `make kernels`")
         result.model = copy.deepcopy(result.model)  # result.pruned keeps the thresholded fp32 layers
         act_record["kernel_layers"] = actsparse.to_kernels(result.model, int8=True)
