@@ -201,10 +201,15 @@ def measured_sparsity(model: nn.Module, chunks: list[torch.Tensor]) -> dict[str,
     return {name: sum(v) / len(v) for name, v in zeros.items()}
 
 
-def to_kernels(model: nn.Module) -> int:
+def to_kernels(model: nn.Module, int8: bool = False) -> int:
     """Swap ThresholdedMLP / ThresholdedLinear for the edgesparse activation-sparse op modules
-    (same numbers, run by our kernels in ExecuTorch and ONNX Runtime); returns how many."""
+    (same numbers, run by our kernels in ExecuTorch and ONNX Runtime); returns how many. int8:
+    the int8-weight ops (per-channel symmetric weights, fp32 activations)."""
     from edgesparse.runtime_kernels.modules import ActSparseGatedMLP, ActSparseLinear
+
+    if int8:
+        from edgesparse.runtime_kernels.modules import QActSparseGatedMLP as ActSparseGatedMLP  # noqa: N814
+        from edgesparse.runtime_kernels.modules import QActSparseLinear as ActSparseLinear  # noqa: N814
 
     swapped = 0
     for name, module in list(model.named_modules()):

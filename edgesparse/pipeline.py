@@ -22,6 +22,7 @@ from edgesparse.converters.sparse_swap import fold_batchnorm, has_kernels, regis
 from edgesparse.errors import EdgesparseError
 from edgesparse.layers import set_training
 from edgesparse.models import ModelBundle, load_model
+from edgesparse.quantize import quantize
 from edgesparse.recipe import Recipe
 
 FORMATS = {"pte": export_pte, "onnx": export_onnx, "tflite": export_tflite}
@@ -57,15 +58,24 @@ def export_model(
     if bundle.evaluate:
         metrics[f"{metric}_dense"] = bundle.evaluate(_eager(set_training(bundle.model, False)))
     hook = bundle.finetune() if finetune and bundle.finetune and recipe.prune.schedule.steps else None
+    int8_act = _int8_act_sparsity(recipe, formats)
     result = compress(
-        model, recipe, example_inputs=bundle.example_inputs,
+        model, _without_quant(recipe) if int8_act else recipe, example_inputs=bundle.example_inputs,
         calib=bundle.calib() if bundle.calib else None, finetune=hook, wrapped=bundle.export_wrapper is not None,
     )
     act_record = None
     if recipe.act_sparsity.active:
-        if recipe.quant.mode != "none":
-            raise EdgesparseError("activation sparsity runs on fp32 kernels: use --quant none with --act-sparsity")
         act_record = actsparse.sparsify(result.model, bundle, recipe.act_sparsity, finetune=finetune)
+    if int8_act:  # thresholded layers -> our int8 ops, then the other linears int8-dynamic (XNNPACK)
+        if not runtime_kernels.available():
+            raise EdgesparseError("activation sparsity on int8 weights needs the edgesparse kernels", hint="run `make kernels`")
+        result.model = copy.deepcopy(result.model)  # result.pruned keeps the thresholded fp32 layers
+        act_record["kernel_layers"] = actsparse.to_kernels(result.model, int8=True)
+        result.model, result.quant = quantize(result.model, recipe.quant, bundle.example_inputs,
+                                              wrapped=bundle.export_wrapper is not None)
+        result.quant["act_sparse_layers"] = "edgesparse::qs8_actsparse_* ops: int8 per-channel symmetric weights"
+        for plan in result.layers:
+            plan.dtype = "int8"
     if bundle.evaluate:
         # the quantized graph is specialized to the example batch size: score it row by row
         predict = _eager(result.model)
@@ -82,7 +92,10 @@ def export_model(
             plan.batchnorm = folds.get(plan.name)
     swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs)
     if act_record is not None:  # `pruned` keeps the thresholded torch layers; the export model gets the ops
-        act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
+        if not int8_act:
+            act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
+        else:
+            act_record["kernels"] = sorted({m.kernel_name for m in export_model_.modules() if hasattr(m, "kernel_name")})
         swapped += act_record["kernel_layers"]
     layers = [plan.to_dict() for plan in result.layers]
     record = manifest_mod.new(bundle.name, recipe.to_dict(), result.sparsity_overall, result.quant, layers, metrics)
@@ -112,6 +125,26 @@ def export_model(
         record["export_seconds"] = round(time.perf_counter() - started, 2)
         write_json_atomic(stage / "manifest.json", manifest_mod.validate(record))
     return record
+
+
+def _int8_act_sparsity(recipe: Recipe, formats: list[str]) -> bool:
+    """True for activation sparsity on int8 weights (--act-sparsity with --quant int8-dynamic): the
+    thresholded layers run our int8 act-sparse ops, the rest XNNPACK int8-dynamic, in a .pte."""
+    if not recipe.act_sparsity.active or recipe.quant.mode == "none":
+        return False
+    if recipe.quant.mode != "int8-dynamic":
+        raise EdgesparseError(f"activation sparsity runs on fp32 or int8-dynamic weights (got --quant {recipe.quant.mode})",
+                              hint="use --quant int8-dynamic or --quant none with --act-sparsity")
+    if formats != ["pte"]:
+        raise EdgesparseError("activation sparsity with --quant int8-dynamic exports .pte only (our int8 ops are ExecuTorch kernels here)",
+                              hint="use --format pte, or --quant none for .onnx")
+    return True
+
+
+def _without_quant(recipe: Recipe) -> Recipe:
+    import dataclasses
+
+    return dataclasses.replace(recipe, quant=dataclasses.replace(recipe.quant, mode="none"))
 
 
 def _warnings(recipe: Recipe, plans: list, swapped: int, kernels: bool) -> list[str]:

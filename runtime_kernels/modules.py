@@ -13,7 +13,7 @@ from torch import nn
 
 from edgesparse.recipe import Pattern
 from edgesparse.runtime_kernels import crossover, ops  # noqa: F401  (ops defines torch.ops.edgesparse.*)
-from edgesparse.runtime_kernels.formats import BCSR, pack_bcsr, pack_nm, pack_qs8_bcsr
+from edgesparse.runtime_kernels.formats import BCSR, pack_bcsr, pack_nm, pack_qs8_bcsr, quantize_weight
 
 BLOCK_SHAPES = {(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (1, 8), (1, 16)}
 
@@ -136,7 +136,7 @@ class ActSparseLinear(_SparseModule):
 class ActSparseGatedMLP(_SparseModule):
     """A gated MLP `down(act(gate(x)) * up(x))` (LLaMA / SmolLM2 SwiGLU with act = SiLU) whose
     neurons with |act(gate x)| <= threshold are skipped (CATS; a [hidden] tensor gives one
-    threshold per neuron: CHESS), run by edgesparse::actsparse_gated_mlp. The gate runs dense; each neuron's up row and down column are
+    threshold per neuron: CHESS), run by edgesparse::actsparse_gated_mlp. The gate runs dense (input-major `[in, hidden]`: one GEMV); each neuron's up row and down column are
     stored together (`bundle`), so a live neuron's weights are one contiguous read and a dead
     one's are never touched. threshold < 0 keeps every neuron (the dense MLP)."""
 
@@ -160,11 +160,71 @@ class ActSparseGatedMLP(_SparseModule):
         if per_neuron and threshold.numel() != gate.out_features:
             raise ValueError(f"per-neuron thresholds must have {gate.out_features} values (got {threshold.numel()})")
         # tensors first, None buffers last: torch.export miscounts buffers after a None one
-        self.register_buffer("gate", gate.weight.detach().float().contiguous())
+        self.register_buffer("gate", gate.weight.detach().float().t().contiguous())  # [in, hidden]: the gate is a GEMV
         self.register_buffer("bundle", torch.cat([up.weight.detach().float(), down.weight.detach().float().t()], dim=1).contiguous())
         optional = {"gate_bias": bias(gate), "up_bias": bias(up), "down_bias": bias(down),
                     "thresholds": threshold.detach().float().reshape(-1).clone() if per_neuron else None}
         for name, value in sorted(optional.items(), key=lambda item: item[1] is None):
+            self.register_buffer(name, value)
+        self.threshold = 0.0 if per_neuron else float(threshold)
+        self.activation = ops.ACTIVATIONS[activation]
+        self.in_features, self.out_features = gate.in_features, down.out_features
+
+
+
+class QActSparseLinear(_SparseModule):
+    """ActSparseLinear on int8 weights: weight_t int8 [in, out] with per-output-channel symmetric
+    scales, run by edgesparse::qs8_actsparse_linear. dynamic=False multiplies fp32 inputs by the
+    int8 rows; dynamic=True quantizes each input row to int8 and sums in integers."""
+
+    op, op_name, onnx_op = torch.ops.edgesparse.qs8_actsparse_linear, "qs8_actsparse_linear", "QActSparseLinear"
+    operands, attrs = ("weight_t", "scales", "bias"), ("threshold", "dynamic")
+
+    def __init__(self, linear: nn.Linear, threshold: float = 0.0, dynamic: bool = False):
+        super().__init__()
+        q, scales = quantize_weight(linear.weight)
+        self.register_buffer("weight_t", q.t().contiguous())
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.threshold, self.dynamic = float(threshold), int(bool(dynamic))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @property
+    def kernel_name(self) -> str:
+        return f"edgesparse::qs8_actsparse_linear (int8 weights, {'int8' if self.dynamic else 'fp32'} activations)"
+
+
+class QActSparseGatedMLP(_SparseModule):
+    """ActSparseGatedMLP on int8 weights (per-channel symmetric: gate and up per neuron, down per
+    output), fp32 activations, run by edgesparse::qs8_actsparse_gated_mlp: the gate is an
+    input-major int8 GEMV, a live neuron reads its int8 up row and down column, a dead one
+    nothing past its gate column. threshold < 0 keeps every neuron."""
+
+    op, op_name, onnx_op = torch.ops.edgesparse.qs8_actsparse_gated_mlp, "qs8_actsparse_gated_mlp", "QActSparseGatedMLP"
+    operands = ("gate_t", "bundle", "scales", "biases", "thresholds")
+    attrs = ("threshold", "activation")
+    kernel_name = "edgesparse::qs8_actsparse_gated_mlp (int8 weights)"
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, threshold: float | torch.Tensor = 0.0,
+                 activation: str = "silu"):
+        super().__init__()
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)} (got {activation!r})")
+        if not (gate.weight.shape == up.weight.shape and down.in_features == up.out_features):
+            raise ValueError("gate and up must be [hidden, in] and down [out, hidden]")
+        per_neuron = isinstance(threshold, torch.Tensor) and threshold.numel() > 1
+        if per_neuron and threshold.numel() != gate.out_features:
+            raise ValueError(f"per-neuron thresholds must have {gate.out_features} values (got {threshold.numel()})")
+        (gq, gs), (uq, us), (dq, ds) = (quantize_weight(m.weight) for m in (gate, up, down))
+        self.register_buffer("gate_t", gq.t().contiguous())
+        self.register_buffer("bundle", torch.cat([uq, dq.t()], dim=1).contiguous())
+        self.register_buffer("scales", torch.cat([gs, us, ds]).contiguous())
+        biases = None
+        if any(m.bias is not None for m in (gate, up, down)):
+            biases = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
+                                for m in (gate, up, down)])
+        optional = {"biases": biases, "thresholds": threshold.detach().float().reshape(-1).clone() if per_neuron else None}
+        for name, value in sorted(optional.items(), key=lambda item: item[1] is None):  # None buffers last
             self.register_buffer(name, value)
         self.threshold = 0.0 if per_neuron else float(threshold)
         self.activation = ops.ACTIVATIONS[activation]

@@ -77,12 +77,12 @@ _define("actsparse_linear", "Tensor x, Tensor weight_t, Tensor? bias, float thre
 ACTIVATIONS = {"silu": 0, "relu": 1}  # the C kernels' ES_ACT_* codes
 
 
-# Activation-sparse gated MLP (CATS on SwiGLU): gate [hidden, in] dense; bundle [hidden, in + out]
+# Activation-sparse gated MLP (CATS on SwiGLU): gate [in, hidden] dense (input-major); bundle [hidden, in + out]
 # holds each neuron's up row and down column; neurons with |act(gate x)| <= threshold are skipped
 # (one threshold per neuron when `thresholds` [hidden] is given: CHESS).
 def _gated_mlp(x, gate, bundle, gate_bias, up_bias, down_bias, thresholds, threshold, activation):
-    inp = gate.shape[1]
-    g = F.linear(x, gate, gate_bias)
+    inp = gate.shape[0]
+    g = x @ gate if gate_bias is None else x @ gate + gate_bias
     a = torch.relu(g) if activation == ACTIVATIONS["relu"] else F.silu(g)
     limit = threshold if thresholds is None else thresholds
     h = torch.where(a.abs() > limit, a * F.linear(x, bundle[:, :inp], up_bias), torch.zeros_like(a))
@@ -92,7 +92,7 @@ def _gated_mlp(x, gate, bundle, gate_bias, up_bias, down_bias, thresholds, thres
 
 _define("actsparse_gated_mlp", "Tensor x, Tensor gate, Tensor bundle, Tensor? gate_bias, Tensor? up_bias, "
         "Tensor? down_bias, Tensor? thresholds, float threshold, int activation", _gated_mlp,
-        lambda x, gate, bundle, *a: bundle.shape[1] - gate.shape[1])
+        lambda x, gate, bundle, *a: bundle.shape[1] - gate.shape[0])
 
 
 # int8 BCSR Rx1 linear: int8 values (grouped by four blocks, formats.pack_qs8_bcsr) with
@@ -108,6 +108,46 @@ def _qs8_linear(x, values, col_idx, row_ptr, scales, bias, block_rows, in_featur
 
 _define("qs8_bcsr_linear", "Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor scales, Tensor? bias, "
         "int block_rows, int in_features, int out_features", _qs8_linear, lambda x, *a: a[-1])
+
+
+# Activation sparsity on int8 weights (src/qs8-actsparse): weight_t int8 [in, out] with
+# per-output-channel scales; inputs with |x| <= threshold are skipped. dynamic=0: fp32 x times the
+# int8 rows (fp32 sums); dynamic=1: x quantized per row inside the op (quantize_rows) and summed
+# in integers: the eager version is the integer reference (exact sums in float64).
+def _qs8_actsparse(x, weight_t, scales, bias, threshold, dynamic):
+    live = x.abs() > threshold
+    if dynamic:
+        xq, x_scale = quantize_rows(x.float())
+        y = ((xq * live).double() @ weight_t.double()).float() * (scales * x_scale)
+    else:
+        y = (torch.where(live, x, torch.zeros_like(x)) @ weight_t.float()) * scales
+    return y if bias is None else y + bias
+
+
+_define("qs8_actsparse_linear", "Tensor x, Tensor weight_t, Tensor scales, Tensor? bias, float threshold, int dynamic",
+        _qs8_actsparse, lambda x, weight_t, *a: weight_t.shape[1])
+
+
+# The gated MLP (CATS / CHESS) on int8 weights, fp32 activations: gate_t int8 [in, hidden] (an
+# input-major GEMV), bundle int8 [hidden, in + out] (up row | down column per neuron); scales
+# [2 * hidden + out] = gate (per neuron) | up (per neuron) | down (per output); biases, when
+# present, in the same three parts (zeros for a linear without one).
+def _qs8_gated_mlp(x, gate_t, bundle, scales, biases, thresholds, threshold, activation):
+    inp, hidden = gate_t.shape
+    g = (x @ gate_t.float()) * scales[:hidden]
+    u = (x @ bundle[:, :inp].float().t()) * scales[hidden:2 * hidden]
+    if biases is not None:
+        g, u = g + biases[:hidden], u + biases[hidden:2 * hidden]
+    a = torch.relu(g) if activation == ACTIVATIONS["relu"] else F.silu(g)
+    limit = threshold if thresholds is None else thresholds
+    h = torch.where(a.abs() > limit, a * u, torch.zeros_like(a))
+    y = (h @ bundle[:, inp:].float()) * scales[2 * hidden:]
+    return y if biases is None else y + biases[2 * hidden:]
+
+
+_define("qs8_actsparse_gated_mlp", "Tensor x, Tensor gate_t, Tensor bundle, Tensor scales, Tensor? biases, "
+        "Tensor? thresholds, float threshold, int activation", _qs8_gated_mlp,
+        lambda x, gate_t, bundle, *a: bundle.shape[1] - gate_t.shape[0])
 
 
 # Fused chains (fusion.py rewrites exported graphs to these, so a chain of layers stays on our

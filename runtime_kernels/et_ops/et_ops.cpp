@@ -331,7 +331,7 @@ Tensor& actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   return out;
 }
 
-// Gated MLP (CATS): x [..., in]; gate [hidden, in]; bundle [hidden, in + out]. Threads split the
+// Gated MLP (CATS): x [..., in]; gate [in, hidden]; bundle [hidden, in + out]. Threads split the
 // neurons (gate, up: fills h), then the output columns (down).
 Tensor& actsparse_gated_mlp_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& gate, const Tensor& bundle,
                                 const std::optional<Tensor>& gate_bias, const std::optional<Tensor>& up_bias,
@@ -339,15 +339,15 @@ Tensor& actsparse_gated_mlp_out(KernelRuntimeContext& ctx, const Tensor& x, cons
                                 double threshold, int64_t activation, Tensor& out) {
   const bool ok = x.scalar_type() == ScalarType::Float && gate.scalar_type() == ScalarType::Float &&
                   bundle.scalar_type() == ScalarType::Float && gate.dim() == 2 && bundle.dim() == 2 &&
-                  bundle.size(0) == gate.size(0) && bundle.size(1) > gate.size(1) && x.dim() >= 1 &&
-                  x.size(x.dim() - 1) == gate.size(1) && optional_float(gate_bias, gate.size(0)) &&
-                  optional_float(up_bias, gate.size(0)) && optional_float(down_bias, bundle.size(1) - gate.size(1)) &&
-                  optional_float(thresholds, gate.size(0)) && (activation == ES_ACT_SILU || activation == ES_ACT_RELU);
+                  bundle.size(0) == gate.size(1) && bundle.size(1) > gate.size(0) && x.dim() >= 1 &&
+                  x.size(x.dim() - 1) == gate.size(0) && optional_float(gate_bias, gate.size(1)) &&
+                  optional_float(up_bias, gate.size(1)) && optional_float(down_bias, bundle.size(1) - gate.size(0)) &&
+                  optional_float(thresholds, gate.size(1)) && (activation == ES_ACT_SILU || activation == ES_ACT_RELU);
   if (!ok) {
-    fail(ctx, "actsparse_gated_mlp", "float x [..., in], gate [hidden, in], bundle [hidden, in + out], biases, thresholds [hidden], activation 0/1 expected");
+    fail(ctx, "actsparse_gated_mlp", "float x [..., in], gate [in, hidden], bundle [hidden, in + out], biases, thresholds [hidden], activation 0/1 expected");
     return out;
   }
-  const size_t in = static_cast<size_t>(gate.size(1)), hidden = static_cast<size_t>(gate.size(0));
+  const size_t in = static_cast<size_t>(gate.size(0)), hidden = static_cast<size_t>(gate.size(1));
   const es_gated_mlp_f32 w{in, hidden, static_cast<size_t>(bundle.size(1)) - in, gate.const_data_ptr<float>(),
                            bundle.const_data_ptr<float>(), data_or_null(gate_bias), data_or_null(up_bias),
                            data_or_null(down_bias), static_cast<int>(activation), data_or_null(thresholds)};
@@ -402,6 +402,96 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   return out;
 }
 
+// ---- activation sparsity on int8 weights (src/qs8-actsparse) ----
+
+// x [..., in] float; weight_t int8 [in, out]; scales float [out]; dynamic 1 quantizes x per row.
+// Threads split the output columns in chunks of 256.
+Tensor& qs8_actsparse_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight_t,
+                                 const Tensor& scales, const std::optional<Tensor>& bias, double threshold,
+                                 int64_t dynamic, Tensor& out) {
+  const bool ok = x.scalar_type() == ScalarType::Float && weight_t.scalar_type() == ScalarType::Char &&
+                  weight_t.dim() == 2 && x.dim() >= 1 && x.size(x.dim() - 1) == weight_t.size(0) &&
+                  scales.scalar_type() == ScalarType::Float && scales.numel() == weight_t.size(1) &&
+                  optional_float(bias, weight_t.size(1)) && (dynamic == 0 || dynamic == 1);
+  if (!ok) {
+    fail(ctx, "qs8_actsparse_linear", "float x [..., in], int8 weight_t [in, out], float scales [out], bias [out], dynamic 0/1 expected");
+    return out;
+  }
+  if (!resize_last_dim(ctx, x, weight_t.size(1), out)) return out;
+  const es_actsparse_qc8w w{static_cast<size_t>(weight_t.size(1)), static_cast<size_t>(weight_t.size(0)),
+                            weight_t.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), data_or_null(bias), 0};
+  const size_t rows = static_cast<size_t>(x.numel() / weight_t.size(0));
+  const float* xp = x.const_data_ptr<float>();
+  float* yp = out.mutable_data_ptr<float>();
+  thread_local std::vector<int8_t> xq;  // grows to the largest input seen, then is reused
+  thread_local std::vector<float> x_scale;
+  const int8_t* xqp = nullptr;
+  const float* xsp = nullptr;
+  if (dynamic) {
+    xq.resize(rows * w.in);
+    x_scale.resize(rows);
+    es_qs8_quantize_rows(rows, w.in, xp, xq.data(), x_scale.data());
+    xqp = xq.data();  // plain pointers: inside the pool's threads the thread_locals are other copies
+    xsp = x_scale.data();
+  }
+  const int64_t chunks = static_cast<int64_t>((w.out + 255) / 256);
+  const int64_t grain = std::max<int64_t>(1, static_cast<int64_t>(65536 / (256 * w.in * rows + 1)));
+  executorch::extension::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    const size_t o0 = static_cast<size_t>(c0) * 256, o1 = std::min(w.out, static_cast<size_t>(c1) * 256);
+    if (xqp)
+      es_qs8_actsparse_linear_cols(&w, static_cast<float>(threshold), rows, xp, xqp, xsp, yp, o0, o1);
+    else
+      es_f32_qc8w_actsparse_linear_cols(&w, static_cast<float>(threshold), rows, xp, yp, o0, o1);
+  });
+  return out;
+}
+
+// Gated MLP on int8 weights: x [..., in]; gate_t int8 [in, hidden]; bundle int8 [hidden, in + out];
+// scales [2 * hidden + out]; biases (same layout) and per-neuron thresholds optional. Threads
+// split the neurons in tiles of 64 (the GEMV's register tile), then the output columns.
+Tensor& qs8_actsparse_gated_mlp_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& gate_t,
+                                    const Tensor& bundle, const Tensor& scales, const std::optional<Tensor>& biases,
+                                    const std::optional<Tensor>& thresholds, double threshold, int64_t activation,
+                                    Tensor& out) {
+  const bool shapes = gate_t.dim() == 2 && bundle.dim() == 2 && bundle.size(0) == gate_t.size(1) &&
+                      bundle.size(1) > gate_t.size(0) && x.dim() >= 1 && x.size(x.dim() - 1) == gate_t.size(0);
+  const int64_t parts = shapes ? 2 * gate_t.size(1) + bundle.size(1) - gate_t.size(0) : -1;
+  const bool ok = shapes && x.scalar_type() == ScalarType::Float && gate_t.scalar_type() == ScalarType::Char &&
+                  bundle.scalar_type() == ScalarType::Char && scales.scalar_type() == ScalarType::Float &&
+                  scales.numel() == parts && optional_float(biases, parts) && optional_float(thresholds, gate_t.size(1)) &&
+                  (activation == ES_ACT_SILU || activation == ES_ACT_RELU);
+  if (!ok) {
+    fail(ctx, "qs8_actsparse_gated_mlp", "float x [..., in], int8 gate_t [in, hidden], int8 bundle [hidden, in + out], scales / biases [2 hidden + out], thresholds [hidden], activation 0/1 expected");
+    return out;
+  }
+  const size_t in = static_cast<size_t>(gate_t.size(0)), hidden = static_cast<size_t>(gate_t.size(1));
+  const size_t outs = static_cast<size_t>(bundle.size(1)) - in;
+  const float* sp = scales.const_data_ptr<float>();
+  const float* bp = data_or_null(biases);
+  const es_gated_mlp_qc8w w{in, hidden, outs, gate_t.const_data_ptr<int8_t>(), sp, bundle.const_data_ptr<int8_t>(),
+                            sp + hidden, sp + 2 * hidden, bp, bp ? bp + hidden : nullptr, bp ? bp + 2 * hidden : nullptr,
+                            static_cast<int>(activation), data_or_null(thresholds)};
+  if (!resize_last_dim(ctx, x, static_cast<int64_t>(outs), out)) return out;
+  const size_t rows = static_cast<size_t>(x.numel()) / in;
+  thread_local std::vector<float> h;  // grows to the largest call seen, then is reused
+  h.resize(rows * hidden);
+  float* hp = h.data();
+  const float* xp = x.const_data_ptr<float>();
+  const float t = static_cast<float>(threshold);
+  const int64_t tiles = static_cast<int64_t>((hidden + 63) / 64);
+  executorch::extension::parallel_for(0, tiles, std::max<int64_t>(1, 32768 / (128 * in * rows + 1)), [&](int64_t a, int64_t b) {
+    es_f32_qc8w_gated_mlp_hidden(&w, t, rows, xp, hp, static_cast<size_t>(a) * 64, std::min(hidden, static_cast<size_t>(b) * 64));
+  });
+  const es_actsparse_qc8w down = es_gated_mlp_qc8w_down(&w);
+  float* yp = out.mutable_data_ptr<float>();
+  const int64_t chunks = static_cast<int64_t>((outs + 255) / 256);
+  executorch::extension::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    es_f32_qc8w_actsparse_linear_cols(&down, 0.0f, rows, hp, yp, static_cast<size_t>(c0) * 256,
+                                      std::min(outs, static_cast<size_t>(c1) * 256));
+  });
+  return out;
+}
+
 }  // namespace
 
 EXECUTORCH_LIBRARY(edgesparse, "bcsr_linear.out", bcsr_linear_out);
@@ -413,3 +503,5 @@ EXECUTORCH_LIBRARY(edgesparse, "nm_conv1x1.out", nm_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_gated_mlp.out", actsparse_gated_mlp_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_bcsr_linear.out", qs8_bcsr_linear_out);
+EXECUTORCH_LIBRARY(edgesparse, "qs8_actsparse_linear.out", qs8_actsparse_linear_out);
+EXECUTORCH_LIBRARY(edgesparse, "qs8_actsparse_gated_mlp.out", qs8_actsparse_gated_mlp_out);

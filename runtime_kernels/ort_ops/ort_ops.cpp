@@ -5,6 +5,7 @@
 //   NmConv1x1(x, values, idx, bias?)                same attrs, x in NCHW
 //   ActSparseLinear(x, weight_t, bias?)             attr threshold
 //   ActSparseGatedMLP(x, gate, bundle, gate_bias?, up_bias?, down_bias?)  attrs threshold, activation
+//   QActSparseLinear, QActSparseGatedMLP: int8 weights (further down)
 // The nodes are what torch.onnx emits for edgesparse's sparse modules (runtime_kernels/modules.py).
 // Load with SessionOptions.register_custom_ops_library(path) or edgesparse.ort_session(path).
 // Work is split across the session's intra-op threads (intra_op_num_threads) on ORT >= 1.17, which
@@ -295,9 +296,9 @@ OrtStatus* gated_mlp_compute(const ActSparseKernel& k, OrtKernelContext* ctx) {
   ES_ORT_TRY(input(ctx, 1, &gate));
   ES_ORT_TRY(input(ctx, 2, &bundle));
   if (gate.type != ORT_FLOAT || bundle.type != ORT_FLOAT || gate.dims.size() != 2 || bundle.dims.size() != 2 ||
-      bundle.dims[0] != gate.dims[0] || bundle.dims[1] <= gate.dims[1] || (k.activation != ES_ACT_SILU && k.activation != ES_ACT_RELU))
-    return error("edgesparse::ActSparseGatedMLP: gate [hidden, in], bundle [hidden, in + out] float, activation 0/1 expected");
-  const int64_t in = gate.dims[1], hidden = gate.dims[0], outs = bundle.dims[1] - in;
+      bundle.dims[0] != gate.dims[1] || bundle.dims[1] <= gate.dims[0] || (k.activation != ES_ACT_SILU && k.activation != ES_ACT_RELU))
+    return error("edgesparse::ActSparseGatedMLP: gate [in, hidden], bundle [hidden, in + out] float, activation 0/1 expected");
+  const int64_t in = gate.dims[0], hidden = gate.dims[1], outs = bundle.dims[1] - in;
   ES_ORT_TRY(optional_bias(ctx, 3, hidden, &gate_bias));
   ES_ORT_TRY(optional_bias(ctx, 4, hidden, &up_bias));
   ES_ORT_TRY(optional_bias(ctx, 5, outs, &down_bias));
@@ -431,6 +432,109 @@ OpDef g_ops[] = {
      {ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 3},
 };
 
+// ---- activation sparsity on int8 weights (src/qs8-actsparse) --------------------------------
+//   QActSparseLinear(x, weight_t int8, scales, bias?)                attrs threshold, dynamic
+//   QActSparseGatedMLP(x, gate_t int8, bundle int8, scales, biases?, thresholds?)  attrs threshold, activation
+
+constexpr ONNXTensorElementDataType kOrtInt8 = static_cast<ONNXTensorElementDataType>(3);  // TensorProto INT8
+
+struct QActSparseKernel {
+  float threshold = 0.0f;
+  int64_t dynamic = 0;               // QActSparseLinear: 1 quantizes x per row
+  int64_t activation = ES_ACT_SILU;  // QActSparseGatedMLP
+};
+
+OrtStatus* create_qs8_actsparse(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  auto* k = new QActSparseKernel;
+  OrtStatus* status = g_api.call<KernelInfoGetAttribute_floatFn>(KernelInfoGetAttribute_float, info, "threshold", &k->threshold);
+  if (!status) status = int_attr_or(info, "dynamic", 0, &k->dynamic);
+  if (!status) status = int_attr_or(info, "activation", ES_ACT_SILU, &k->activation);
+  if (status) {
+    delete k;
+    return status;
+  }
+  *kernel = k;
+  return nullptr;
+}
+
+OrtStatus* compute_qs8_actsparse(void* kernel, OrtKernelContext* ctx) {
+  const auto& k = *static_cast<QActSparseKernel*>(kernel);
+  View x, wt, scales;
+  const float* bias = nullptr;
+  float* y = nullptr;
+  ES_ORT_TRY(input(ctx, 0, &x));
+  ES_ORT_TRY(input(ctx, 1, &wt));
+  ES_ORT_TRY(input(ctx, 2, &scales));
+  if (wt.type != kOrtInt8 || wt.dims.size() != 2 || scales.type != ORT_FLOAT || scales.numel() != wt.dims[1] ||
+      (k.dynamic != 0 && k.dynamic != 1))
+    return error("edgesparse::QActSparseLinear: float x [..., in], int8 weight_t [in, out], float scales [out], bias [out] expected");
+  ES_ORT_TRY(optional_bias(ctx, 3, wt.dims[1], &bias));
+  ES_ORT_TRY(prepare(ctx, x, false, wt.dims[0], wt.dims[1], &y));
+  const es_actsparse_qc8w w{static_cast<size_t>(wt.dims[1]), static_cast<size_t>(wt.dims[0]),
+                            static_cast<const int8_t*>(wt.data), static_cast<const float*>(scales.data), bias, 0};
+  const size_t rows = static_cast<size_t>(x.numel() / wt.dims[0]);
+  const float* xp = static_cast<const float*>(x.data);
+  std::vector<int8_t> xq(k.dynamic ? rows * w.in : 0);
+  std::vector<float> x_scale(k.dynamic ? rows : 0);
+  if (k.dynamic) es_qs8_quantize_rows(rows, w.in, xp, xq.data(), x_scale.data());
+  const size_t chunks = (w.out + 255) / 256;
+  parallel_uniform(ctx, chunks, static_cast<int64_t>(w.in * w.out * rows), [&](size_t c0, size_t c1) {
+    const size_t o0 = c0 * 256, o1 = std::min(w.out, c1 * 256);
+    if (k.dynamic)
+      es_qs8_actsparse_linear_cols(&w, k.threshold, rows, xp, xq.data(), x_scale.data(), y, o0, o1);
+    else
+      es_f32_qc8w_actsparse_linear_cols(&w, k.threshold, rows, xp, y, o0, o1);
+  });
+  return nullptr;
+}
+
+OrtStatus* compute_qs8_gated_mlp(void* kernel, OrtKernelContext* ctx) {
+  const auto& k = *static_cast<QActSparseKernel*>(kernel);
+  View x, gate, bundle, scales;
+  const float *biases = nullptr, *thresholds = nullptr;
+  float* y = nullptr;
+  ES_ORT_TRY(input(ctx, 0, &x));
+  ES_ORT_TRY(input(ctx, 1, &gate));
+  ES_ORT_TRY(input(ctx, 2, &bundle));
+  ES_ORT_TRY(input(ctx, 3, &scales));
+  if (gate.type != kOrtInt8 || bundle.type != kOrtInt8 || gate.dims.size() != 2 || bundle.dims.size() != 2 ||
+      bundle.dims[0] != gate.dims[1] || bundle.dims[1] <= gate.dims[0] || scales.type != ORT_FLOAT ||
+      scales.numel() != 2 * gate.dims[1] + bundle.dims[1] - gate.dims[0] ||
+      (k.activation != ES_ACT_SILU && k.activation != ES_ACT_RELU))
+    return error("edgesparse::QActSparseGatedMLP: int8 gate_t [in, hidden], int8 bundle [hidden, in + out], float scales [2 hidden + out], activation 0/1 expected");
+  const int64_t in = gate.dims[0], hidden = gate.dims[1], outs = bundle.dims[1] - in;
+  ES_ORT_TRY(optional_bias(ctx, 4, scales.numel(), &biases));
+  ES_ORT_TRY(optional_bias(ctx, 5, hidden, &thresholds));  // per-neuron thresholds (CHESS)
+  ES_ORT_TRY(prepare(ctx, x, false, in, outs, &y));
+  const float* sp = static_cast<const float*>(scales.data);
+  const es_gated_mlp_qc8w w{static_cast<size_t>(in), static_cast<size_t>(hidden), static_cast<size_t>(outs),
+                            static_cast<const int8_t*>(gate.data), sp, static_cast<const int8_t*>(bundle.data),
+                            sp + hidden, sp + 2 * hidden, biases, biases ? biases + hidden : nullptr,
+                            biases ? biases + 2 * hidden : nullptr, static_cast<int>(k.activation), thresholds};
+  const size_t rows = static_cast<size_t>(x.numel() / in);
+  std::vector<float> h(rows * w.hidden);
+  const float* xp = static_cast<const float*>(x.data);
+  const size_t tiles = (w.hidden + 63) / 64;  // the GEMV's register tile: pieces of whole tiles
+  parallel_uniform(ctx, tiles, static_cast<int64_t>(2 * w.in * w.hidden * rows), [&](size_t a, size_t b) {
+    es_f32_qc8w_gated_mlp_hidden(&w, k.threshold, rows, xp, h.data(), a * 64, std::min(w.hidden, b * 64));
+  });
+  const es_actsparse_qc8w down = es_gated_mlp_qc8w_down(&w);
+  const size_t chunks = (w.out + 255) / 256;
+  parallel_uniform(ctx, chunks, static_cast<int64_t>(w.hidden * w.out * rows), [&](size_t c0, size_t c1) {
+    es_f32_qc8w_actsparse_linear_cols(&down, 0.0f, rows, h.data(), y, c0 * 256, std::min(w.out, c1 * 256));
+  });
+  return nullptr;
+}
+
+void destroy_qs8_actsparse(void* k) { delete static_cast<QActSparseKernel*>(k); }
+
+OpDef g_qs8_actsparse_ops[] = {
+    {make_op(create_qs8_actsparse, compute_qs8_actsparse, destroy_qs8_actsparse), "QActSparseLinear", 4,
+     {ORT_FLOAT, kOrtInt8, ORT_FLOAT, ORT_FLOAT}, 3},
+    {make_op(create_qs8_actsparse, compute_qs8_gated_mlp, destroy_qs8_actsparse), "QActSparseGatedMLP", 6,
+     {ORT_FLOAT, kOrtInt8, kOrtInt8, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 4},
+};
+
 }  // namespace
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
@@ -447,6 +551,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtCustomOpDomain* domain = nullptr;
   ES_ORT_TRY(g_api.call<CreateCustomOpDomainFn>(CreateCustomOpDomain, "ai.edgesparse", &domain));
   for (OpDef& op : g_ops) ES_ORT_TRY(g_api.call<CustomOpDomain_AddFn>(CustomOpDomain_Add, domain, &op.op));
+  for (OpDef& op : g_qs8_actsparse_ops) ES_ORT_TRY(g_api.call<CustomOpDomain_AddFn>(CustomOpDomain_Add, domain, &op.op));
   // The session options keep the domain pointer: it lives until the process exits.
   return g_api.call<AddCustomOpDomainFn>(AddCustomOpDomain, options, domain);
 }

@@ -243,3 +243,79 @@ int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y)
   free(x_scale);
   return 0;
 }
+
+/* ---- activation sparsity on int8 weights (src/qs8-actsparse): its own table, rows named like
+ * es_table's so es_force_isa / automatic dispatch pick the same ISA (an ISA without a row here,
+ * e.g. avx512vnni, uses the best row below it). */
+typedef void (*es_qc8w_actsparse_fn)(const es_actsparse_qc8w*, float, size_t, const float*, float*, size_t, size_t);
+typedef void (*es_qs8_actsparse_fn)(const es_actsparse_qc8w*, float, size_t, const float*, const int8_t*, const float*,
+                                    float*, size_t, size_t);
+typedef void (*es_qc8w_gated_fn)(const es_gated_mlp_qc8w*, float, size_t, const float*, float*, size_t, size_t);
+
+#define ES_QA_DECLARE(isa)                                                                                         \
+  void es_f32_qc8w_actsparse_linear__##isa(const es_actsparse_qc8w*, float, size_t, const float*, float*, size_t, \
+                                           size_t);                                                               \
+  void es_qs8_actsparse_linear__##isa(const es_actsparse_qc8w*, float, size_t, const float*, const int8_t*,       \
+                                      const float*, float*, size_t, size_t);                                      \
+  void es_f32_qc8w_gated_mlp_hidden__##isa(const es_gated_mlp_qc8w*, float, size_t, const float*, float*, size_t, \
+                                           size_t);
+
+ES_QA_DECLARE(scalar)
+#if defined(__x86_64__)
+ES_QA_DECLARE(avx2)
+ES_QA_DECLARE(avx512)
+#elif defined(__aarch64__)
+ES_QA_DECLARE(neon)
+#endif
+
+static const struct {
+  const char* isa;
+  es_qc8w_actsparse_fn f32_linear;
+  es_qs8_actsparse_fn qs8_linear;
+  es_qc8w_gated_fn gated_hidden;
+} es_qa_table[] = {  /* best first */
+#define ES_QA_ROW(name) \
+  {#name, es_f32_qc8w_actsparse_linear__##name, es_qs8_actsparse_linear__##name, es_f32_qc8w_gated_mlp_hidden__##name}
+#if defined(__x86_64__)
+    ES_QA_ROW(avx512),
+    ES_QA_ROW(avx2),
+#elif defined(__aarch64__)
+    ES_QA_ROW(neon),
+#endif
+    ES_QA_ROW(scalar),
+};
+
+/* the row for es_table's choice: the same name, else the first row at or below it */
+static size_t es_qa_select(void) {
+  const int choice = es_select();
+  for (size_t r = (size_t)choice; r < es_rows; r++)
+    for (size_t i = 0; i < sizeof(es_qa_table) / sizeof(es_qa_table[0]); i++)
+      if (!strcmp(es_qa_table[i].isa, es_table[r].isa)) return i;
+  return sizeof(es_qa_table) / sizeof(es_qa_table[0]) - 1;
+}
+
+void es_f32_qc8w_actsparse_linear_cols(const es_actsparse_qc8w* w, float threshold, size_t n, const float* x, float* y,
+                                       size_t o0, size_t o1) {
+  es_qa_table[es_qa_select()].f32_linear(w, threshold, n, x, y, o0, o1);
+}
+
+void es_qs8_actsparse_linear_cols(const es_actsparse_qc8w* w, float threshold, size_t n, const float* x,
+                                  const int8_t* xq, const float* x_scale, float* y, size_t o0, size_t o1) {
+  es_qa_table[es_qa_select()].qs8_linear(w, threshold, n, x, xq, x_scale, y, o0, o1);
+}
+
+void es_f32_qc8w_gated_mlp_hidden(const es_gated_mlp_qc8w* w, float threshold, size_t n, const float* x, float* h,
+                                  size_t i0, size_t i1) {
+  es_qa_table[es_qa_select()].gated_hidden(w, threshold, n, x, h, i0, i1);
+}
+
+es_actsparse_qc8w es_gated_mlp_qc8w_down(const es_gated_mlp_qc8w* w) {
+  es_actsparse_qc8w down = {w->out, w->hidden, w->bundle + w->in, w->down_scales, w->down_bias, w->in + w->out};
+  return down;
+}
+
+void es_f32_qc8w_gated_mlp(const es_gated_mlp_qc8w* w, float threshold, size_t n, const float* x, float* h, float* y) {
+  es_f32_qc8w_gated_mlp_hidden(w, threshold, n, x, h, 0, w->hidden);
+  const es_actsparse_qc8w down = es_gated_mlp_qc8w_down(w);
+  es_f32_qc8w_actsparse_linear_cols(&down, 0.0f, n, h, y, 0, w->out);
+}

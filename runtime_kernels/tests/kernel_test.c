@@ -278,7 +278,7 @@ static void gated_tests(int* passed, int* failed) {
           for (size_t r = 0; r < n; r++)
             for (size_t i = 0; i < hidden; i++) {
               double g = with_bias ? gb[i] : 0.0;
-              for (size_t c = 0; c < in; c++) g += (double)gate[i * in + c] * x[r * in + c];
+              for (size_t c = 0; c < in; c++) g += (double)gate[c * hidden + i] * x[r * in + c];  /* gate is [in, hidden] */
               a[r * hidden + i] = act == ES_ACT_RELU ? (g > 0 ? g : 0) : g / (1.0 + exp(-g));
             }
           float th = thresholds[t % (sizeof(thresholds) / sizeof(thresholds[0]))];
@@ -333,6 +333,143 @@ static void gated_tests(int* passed, int* failed) {
           es_force_isa(NULL);
           free(gate); free(bundle); free(gb); free(ub); free(db); free(x); free(a); free(want); free(h); free(y); free(tv);
         }
+}
+
+/* activation sparsity on int8 weights (qs8-actsparse): both linear flavours and the int8 gated MLP
+ * (gate phase as an input-major GEMV), against double references; thresholds from none to all
+ * skipped, exact zeros, widths that are not vector multiples, more inputs than one gather chunk,
+ * a strided weight (the gated MLP's down columns), output ranges split as threads split them. */
+static int8_t qrand(void) { return (int8_t)lrintf(frand() * 127.0f); }
+
+static void qs8_actsparse_tests(int* passed, int* failed) {
+  const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 300, 3}, {256, 256, 2}, {33, 17, 5}};
+  const float thresholds[] = {-1.0f, 0.0f, 0.3f, 0.7f, 100.0f};
+  for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+    for (size_t t = 0; t < sizeof(thresholds) / sizeof(thresholds[0]); t++)
+      for (int with_bias = 0; with_bias < 2; with_bias++) {
+        const size_t out = shapes[s][0], in = shapes[s][1], n = shapes[s][2], stride = out + 3;
+        int8_t* wt = malloc(in * stride);
+        float* scales = malloc(out * sizeof(float));
+        float* bias = malloc(out * sizeof(float));
+        float* x = malloc(n * in * sizeof(float));
+        int8_t* xq = malloc(n * in);
+        float* xs = malloc(n * sizeof(float));
+        for (size_t i = 0; i < in * stride; i++) wt[i] = qrand();
+        for (size_t o = 0; o < out; o++) { scales[o] = (frand() + 1.5f) / 127.0f; bias[o] = frand(); }
+        for (size_t i = 0; i < n * in; i++) x[i] = (i % 5 == 0) ? 0.0f : frand();
+        const float th = thresholds[t];
+        for (size_t i = 0; i < n * in; i++) /* keep |x| clear of the threshold: float and double agree */
+          if (fabsf(fabsf(x[i]) - th) < 1e-3f) x[i] += 3e-3f;
+        es_qs8_quantize_rows(n, in, x, xq, xs);
+        double* want_f = malloc(n * out * sizeof(double));
+        double* want_q = malloc(n * out * sizeof(double));
+        for (size_t r = 0; r < n; r++)
+          for (size_t o = 0; o < out; o++) {
+            double af = 0.0;
+            long long aq = 0;
+            for (size_t c = 0; c < in; c++)
+              if (fabsf(x[r * in + c]) > th) {
+                af += (double)x[r * in + c] * wt[c * stride + o];
+                aq += (long long)xq[r * in + c] * wt[c * stride + o];
+              }
+            want_f[r * out + o] = af * scales[o] + (with_bias ? bias[o] : 0.0);
+            want_q[r * out + o] = (double)aq * ((double)scales[o] * xs[r]) + (with_bias ? bias[o] : 0.0);
+          }
+        es_actsparse_qc8w w = {out, in, wt, scales, with_bias ? bias : NULL, stride};
+        float* y = malloc(n * out * sizeof(float));
+        for (size_t isa = 0; isa < NISAS; isa++) {
+          if (es_force_isa(ISAS[isa]) != 0) continue;
+          char what[160];
+          const size_t cut = out / 3;
+          memset(y, 0xff, n * out * sizeof(float));
+          es_f32_qc8w_actsparse_linear_cols(&w, th, n, x, y, cut, out);
+          es_f32_qc8w_actsparse_linear_cols(&w, th, n, x, y, 0, cut);
+          snprintf(what, sizeof what, "%s f32-qc8w actsparse out=%zu in=%zu n=%zu threshold=%.1f bias=%d", ISAS[isa], out, in, n, th, with_bias);
+          close_enough(y, want_f, n * out, what) ? (*passed)++ : (*failed)++;
+          memset(y, 0xff, n * out * sizeof(float));
+          es_qs8_actsparse_linear_cols(&w, th, n, x, xq, xs, y, cut, out);
+          es_qs8_actsparse_linear_cols(&w, th, n, x, xq, xs, y, 0, cut);
+          snprintf(what, sizeof what, "%s qs8 actsparse out=%zu in=%zu n=%zu threshold=%.1f bias=%d", ISAS[isa], out, in, n, th, with_bias);
+          close_enough(y, want_q, n * out, what) ? (*passed)++ : (*failed)++;
+        }
+        es_force_isa(NULL);
+        free(wt); free(scales); free(bias); free(x); free(xq); free(xs); free(want_f); free(want_q); free(y);
+      }
+
+  /* the int8 gated MLP */
+  const size_t mlps[][4] = {{64, 48, 40, 1}, {67, 130, 33, 3}, {1, 1, 1, 1}, {130, 600, 17, 2}, {256, 300, 256, 1}};
+  for (size_t s = 0; s < sizeof(mlps) / sizeof(mlps[0]); s++)
+    for (int act = 0; act < 2; act++)
+      for (size_t t = 0; t < 2 * sizeof(thresholds) / sizeof(thresholds[0]); t++) {
+        const int per_neuron = t >= sizeof(thresholds) / sizeof(thresholds[0]), with_bias = (int)(t % 2);
+        const size_t in = mlps[s][0], hidden = mlps[s][1], out = mlps[s][2], n = mlps[s][3];
+        int8_t* gate = malloc(in * hidden);
+        int8_t* bundle = malloc(hidden * (in + out));
+        float *gs = malloc(hidden * sizeof(float)), *us = malloc(hidden * sizeof(float)), *ds = malloc(out * sizeof(float));
+        float *gb = malloc(hidden * sizeof(float)), *ub = malloc(hidden * sizeof(float)), *db = malloc(out * sizeof(float));
+        float* x = malloc(n * in * sizeof(float));
+        for (size_t i = 0; i < in * hidden; i++) gate[i] = qrand();
+        for (size_t i = 0; i < hidden * (in + out); i++) bundle[i] = qrand();
+        for (size_t i = 0; i < hidden; i++) { gs[i] = 0.3f * (frand() + 1.5f) / 127.0f; us[i] = (frand() + 1.5f) / 127.0f; gb[i] = frand(); ub[i] = frand(); }
+        for (size_t i = 0; i < out; i++) { ds[i] = (frand() + 1.5f) / 127.0f; db[i] = frand(); }
+        for (size_t i = 0; i < n * in; i++) x[i] = frand();
+        double* a = malloc(n * hidden * sizeof(double));
+        for (size_t r = 0; r < n; r++)
+          for (size_t i = 0; i < hidden; i++) {
+            double g = 0.0;
+            for (size_t c = 0; c < in; c++) g += (double)gate[c * hidden + i] * x[r * in + c];
+            g = g * gs[i] + (with_bias ? gb[i] : 0.0);
+            a[r * hidden + i] = act == ES_ACT_RELU ? (g > 0 ? g : 0) : g / (1.0 + exp(-g));
+          }
+        float th = thresholds[t % (sizeof(thresholds) / sizeof(thresholds[0]))];
+        float* tv = malloc(hidden * sizeof(float));
+        for (size_t i = 0; i < hidden; i++) tv[i] = per_neuron ? th + 0.1f * (float)(i % 3) : th;
+        for (int moved = 1; moved;) { /* thresholds clear of every |a| (and, scalar, all equal) */
+          moved = 0;
+          for (size_t i = 0; i < hidden && !moved; i++)
+            for (size_t r = 0; r < n * hidden && !moved; r++)
+              if ((per_neuron ? r % hidden == i : 1) && fabs(fabs(a[r]) - tv[i]) < 1e-3) {
+                if (per_neuron) tv[i] += 2e-3f;
+                else { th += 2e-3f; for (size_t j = 0; j < hidden; j++) tv[j] = th; }
+                moved = 1;
+              }
+        }
+        double* want = malloc(n * out * sizeof(double));
+        for (size_t r = 0; r < n; r++)
+          for (size_t o = 0; o < out; o++) {
+            double acc = 0.0;
+            for (size_t i = 0; i < hidden; i++) {
+              if (!(fabs(a[r * hidden + i]) > tv[i])) continue;
+              double u = 0.0;
+              for (size_t c = 0; c < in; c++) u += (double)bundle[i * (in + out) + c] * x[r * in + c];
+              u = u * us[i] + (with_bias ? ub[i] : 0.0);
+              acc += a[r * hidden + i] * u * bundle[i * (in + out) + in + o];
+            }
+            want[r * out + o] = acc * ds[o] + (with_bias ? db[o] : 0.0);
+          }
+        es_gated_mlp_qc8w w = {in, hidden, out, gate, gs, bundle, us, ds, with_bias ? gb : NULL, with_bias ? ub : NULL,
+                               with_bias ? db : NULL, act, per_neuron ? tv : NULL};
+        float* h = malloc(n * hidden * sizeof(float));
+        float* y = malloc(n * out * sizeof(float));
+        for (size_t isa = 0; isa < NISAS; isa++) {
+          if (es_force_isa(ISAS[isa]) != 0) continue;
+          char what[160];
+          snprintf(what, sizeof what, "%s qc8w gated in=%zu hidden=%zu out=%zu n=%zu act=%d bias=%d threshold=%.3f%s", ISAS[isa], in, hidden, out, n, act, with_bias, th, per_neuron ? " per-neuron" : "");
+          es_f32_qc8w_gated_mlp(&w, th, n, x, h, y);
+          close_enough(y, want, n * out, what) ? (*passed)++ : (*failed)++;
+          memset(h, 0xff, n * hidden * sizeof(float));
+          memset(y, 0xff, n * out * sizeof(float));
+          es_f32_qc8w_gated_mlp_hidden(&w, th, n, x, h, hidden / 3, hidden);
+          es_f32_qc8w_gated_mlp_hidden(&w, th, n, x, h, 0, hidden / 3);
+          const es_actsparse_qc8w down = es_gated_mlp_qc8w_down(&w);
+          es_f32_qc8w_actsparse_linear_cols(&down, 0.0f, n, h, y, out / 2, out);
+          es_f32_qc8w_actsparse_linear_cols(&down, 0.0f, n, h, y, 0, out / 2);
+          close_enough(y, want, n * out, what) ? (*passed)++ : (*failed)++;
+        }
+        es_force_isa(NULL);
+        free(gate); free(bundle); free(gs); free(us); free(ds); free(gb); free(ub); free(db); free(x); free(a);
+        free(tv); free(want); free(h); free(y);
+      }
 }
 
 /* fused 1x1 conv: residual on / off, ReLU6 / ReLU / no clamp; pixel counts below, at and past a
@@ -506,6 +643,7 @@ int main(void) {
   actsparse_tests(&passed, &failed);
   gated_tests(&passed, &failed);
   qs8_tests(&passed, &failed);
+  qs8_actsparse_tests(&passed, &failed);
   printf("dispatch picks: %s\n", es_f32_bcsr_isa());
   printf("%d passed, %d failed\n", passed, failed);
   return failed ? 1 : 0;

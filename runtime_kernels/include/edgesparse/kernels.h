@@ -130,7 +130,7 @@ void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, si
                                   size_t o0, size_t o1);
 
 /* Activation-sparse gated MLP (CATS on LLaMA-style SwiGLU), with gate/up/down bundled per neuron:
- *   a = act(gate x + gate_bias)       dense: the gate decides which neurons live
+ *   a = act(gate x + gate_bias)       dense (an input-major GEMV): the gate decides which neurons live
  *   h_i = |a_i| > threshold_i ? a_i * (up_i x + up_bias_i) : 0   (threshold_i: thresholds[i] or the scalar)
  *   y = down h + down_bias            only the live neurons' columns are read
  * bundle row i = [up row i (in floats) | down column i (out floats)], so a live neuron's up and
@@ -141,7 +141,7 @@ void es_f32_actsparse_linear_cols(const es_actsparse_f32* w, float threshold, si
 enum { ES_ACT_SILU = 0, ES_ACT_RELU = 1 };
 typedef struct {
   size_t in, hidden, out;
-  const float* gate;       /* [hidden, in] */
+  const float* gate;       /* [in, hidden]: input-major, row c = input c's weight for every neuron */
   const float* bundle;     /* [hidden, in + out] */
   const float* gate_bias;  /* [hidden] or NULL */
   const float* up_bias;    /* [hidden] or NULL */
@@ -182,6 +182,55 @@ void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq,
                                int32_t* acc, size_t b0, size_t b1);
 /* quantize x [n, in] and run every row block; returns -1 if out of memory */
 int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y);
+
+/* Activation sparsity on int8 weights (family qs8-actsparse): the layouts above with int8 values
+ * and per-output-channel fp32 scales (symmetric: weight = q * scale), so a skipped input row
+ * saves a quarter of the fp32 bytes. Two flavours of the linear, both skipping the rows of inputs
+ * with |x| <= threshold:
+ *   es_f32_qc8w_actsparse_linear   fp32 x times int8 rows converted on the fly (fp32 sums)
+ *       y[n, o] = scales[o] * sum_{|x[n,c]| > t} x[n, c] * weight_t[c, o] + bias[o]
+ *   es_qs8_actsparse_linear        x quantized per row (es_qs8_quantize_rows: xq, x_scale), int32 sums
+ *       y[n, o] = scales[o] * x_scale[n] * sum_{|x[n,c]| > t} xq[n, c] * weight_t[c, o] + bias[o]
+ *     (bit-exact against the integer reference; x picks the live inputs, xq is what is summed) */
+typedef struct {
+  size_t out;
+  size_t in;
+  const int8_t* weight_t; /* [in, out]: row c at weight_t + c * stride */
+  const float* scales;    /* [out] */
+  const float* bias;      /* [out] or NULL */
+  size_t stride;          /* bytes between weight rows; 0 means out */
+} es_actsparse_qc8w;
+
+void es_f32_qc8w_actsparse_linear_cols(const es_actsparse_qc8w* w, float threshold, size_t n, const float* x, float* y,
+                                       size_t o0, size_t o1);
+void es_qs8_actsparse_linear_cols(const es_actsparse_qc8w* w, float threshold, size_t n, const float* x,
+                                  const int8_t* xq, const float* x_scale, float* y, size_t o0, size_t o1);
+
+/* The gated MLP (CATS / CHESS) on int8 weights, fp32 activations: es_gated_mlp_f32's layout with
+ * int8 gate_t [in, hidden] (per-neuron gate_scales), int8 bundle rows [up row | down column] with
+ * per-neuron up_scales and per-output down_scales:
+ *   a_i = act(gate_scales[i] * (x . gate_t[:, i]) + gate_bias[i])
+ *   h_i = |a_i| > threshold_i ? a_i * (up_scales[i] * (x . bundle[i, :in]) + up_bias[i]) : 0
+ *   y   = es_f32_qc8w_actsparse_linear on es_gated_mlp_qc8w_down(w) with threshold 0 */
+typedef struct {
+  size_t in, hidden, out;
+  const int8_t* gate_t;      /* [in, hidden] */
+  const float* gate_scales;  /* [hidden] */
+  const int8_t* bundle;      /* [hidden, in + out] */
+  const float* up_scales;    /* [hidden] */
+  const float* down_scales;  /* [out] */
+  const float* gate_bias;    /* [hidden] or NULL */
+  const float* up_bias;      /* [hidden] or NULL */
+  const float* down_bias;    /* [out] or NULL */
+  int act;                   /* ES_ACT_SILU or ES_ACT_RELU */
+  const float* thresholds;   /* [hidden] or NULL: the scalar one */
+} es_gated_mlp_qc8w;
+
+void es_f32_qc8w_gated_mlp_hidden(const es_gated_mlp_qc8w* w, float threshold, size_t n, const float* x, float* h,
+                                  size_t i0, size_t i1);
+es_actsparse_qc8w es_gated_mlp_qc8w_down(const es_gated_mlp_qc8w* w);
+/* both phases, one thread; h is scratch [n, hidden] */
+void es_f32_qc8w_gated_mlp(const es_gated_mlp_qc8w* w, float threshold, size_t n, const float* x, float* h, float* y);
 
 /* Which implementation dispatch picked on this CPU: "scalar", "avx2", "avx512" or "neon". */
 const char* es_f32_bcsr_isa(void);

@@ -21,7 +21,7 @@ void es_f32_gated_mlp_hidden__scalar(const es_gated_mlp_f32* w, float threshold,
     for (size_t i = i0; i < i1; i++) {
       float g = w->gate_bias ? w->gate_bias[i] : 0.0f, u = w->up_bias ? w->up_bias[i] : 0.0f;
       for (size_t c = 0; c < w->in; c++) {
-        g += w->gate[i * w->in + c] * x[row * w->in + c];
+        g += w->gate[c * w->hidden + i] * x[row * w->in + c];
         u += w->bundle[i * (w->in + w->out) + c] * x[row * w->in + c];
       }
       const float a = w->act == ES_ACT_RELU ? (g > 0.0f ? g : 0.0f) : g / (1.0f + expf(-g));
