@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 KERNELS := runtime_kernels/build/libedgesparse_et.so
 KERNEL_SOURCES := $(shell find runtime_kernels -path 'runtime_kernels/build*' -prune -o \( -name '*.c' -o -name '*.h' -o -name '*.inc' -o -name '*.cpp' -o -name CMakeLists.txt \) -print)
 
-.PHONY: demo test install kernels arm-toolchain arm-runner android-bench arm64-rootfs device-lab chromium fashion-mnist clean
+.PHONY: demo test test-bench install kernels arm-toolchain arm-runner android-bench arm64-rootfs device-lab chromium fashion-mnist clean
 
 install: $(STAMP)
 
@@ -106,6 +106,10 @@ test: $(KERNELS) arm-toolchain device-lab chromium
 	-@$(MAKE) --no-print-directory android-bench >/dev/null || echo "note: could not build the Android runner bundle; its tests will be skipped"
 	-@$(MAKE) --no-print-directory arm64-rootfs || echo "note: could not build the arm64 rootfs; the arm64 board test will be skipped"
 	$(PY) -m pytest
+
+# benchmark-sized tests (marked `bench`): each takes many minutes and asserts a goal, not a unit
+test-bench: $(KERNELS) arm-toolchain device-lab
+	$(PY) -m pytest -m bench
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache runtime_kernels/build runtime_kernels/build-aarch64 runtime_kernels/build-aarch64-runner apps/android/native/build

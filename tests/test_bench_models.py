@@ -95,7 +95,7 @@ def test_minilm_exports_pruned_ffns_on_our_kernels(tmp_path):
 
 
 @needs_kernels
-@pytest.mark.slow
+@pytest.mark.bench
 def test_quick_run_writes_every_row_in_under_10_minutes(tmp_path):
     from edgesparse.bench_models import grid
 

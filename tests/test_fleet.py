@@ -103,7 +103,7 @@ def test_an_unreachable_device_fails_its_cells_and_a_rerun_retries_only_them(tmp
 GRID = ([0.0, 0.5, 0.8, 0.9], ["none", "int8"])  # 8 variants x 3 devices = 24 cells
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_fleet_of_three_devices_survives_a_device_killed_mid_sweep(tmp_path):
     """3 devices x 8 variants on a private Ray on 127.0.0.1; the ssh board's sshd is killed once the
     first cells are recorded: its later cells fail with a reason, the others finish, each cell is

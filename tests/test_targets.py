@@ -74,7 +74,7 @@ def test_bench_kernels_on_the_device_writes_its_table_and_export_uses_it(tmp_pat
     assert decided and all("in local.json" in layer["reason"] for layer in decided)
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_bench_kernels_on_the_emulated_arm64_device_writes_a_flagged_table_and_export_uses_it(tmp_path):
     """qemu-aarch64: edgesparse_kernel_bench pushed with its libraries, our kernels and dense
     XNNPACK timed in one process there; the table records aarch64, the runtime's thread count and
