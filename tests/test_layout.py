@@ -130,14 +130,15 @@ def test_sparse_mobilenetv2_partitions_and_transposes(tmp_path, capsys, monkeypa
     """demo:mobilenetv2's network and weights at its 64 px input, pruned one-shot to 90% block:4x1
     and swapped as export does; `profile --per-op` on the .pte without and with the rewrite."""
     from edgesparse import Recipe, compress
-    from edgesparse.converters.sparse_swap import fold_batchnorm, swap_sparse_layers
+    from edgesparse.converters.sparse_swap import fold_batchnorm, register_kernel, swap_sparse_layers
     from edgesparse.models.mobilenetv2 import imagenet_pretrained
     from edgesparse.recipe import PruneConfig
 
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    runtime_kernels.register_with_exporter()
+    runtime_kernels.register_with_exporter(register_kernel)
     result = compress(imagenet_pretrained(), Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:4x1")), example_inputs=(x,))
-    model = fold_batchnorm(result.model)
+    model = result.model
+    fold_batchnorm(model, (x,))  # in place
     assert swap_sparse_layers(model, result.layers, (x,)) == 34
     summaries = {}
     for name, fuse in (("before", False), ("after", True)):
