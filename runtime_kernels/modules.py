@@ -133,6 +133,18 @@ class ActSparseLinear(_SparseModule):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
 
+def _check_gated_mlp(gate: nn.Linear, up: nn.Linear, down: nn.Linear, threshold, activation: str) -> bool:
+    """The gated-MLP modules' argument checks; True when `threshold` holds one value per neuron."""
+    if activation not in ops.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)} (got {activation!r})")
+    if not (gate.weight.shape == up.weight.shape and down.in_features == up.out_features):
+        raise ValueError("gate and up must be [hidden, in] and down [out, hidden]")
+    per_neuron = isinstance(threshold, torch.Tensor) and threshold.numel() > 1
+    if per_neuron and threshold.numel() != gate.out_features:
+        raise ValueError(f"per-neuron thresholds must have {gate.out_features} values (got {threshold.numel()})")
+    return per_neuron
+
+
 class ActSparseGatedMLP(_SparseModule):
     """A gated MLP `down(act(gate(x)) * up(x))` (LLaMA / SmolLM2 SwiGLU with act = SiLU) whose
     neurons with |act(gate x)| <= threshold are skipped (CATS; a [hidden] tensor gives one
@@ -148,17 +160,11 @@ class ActSparseGatedMLP(_SparseModule):
     def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, threshold: float | torch.Tensor = 0.0,
                  activation: str = "silu"):
         super().__init__()
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)} (got {activation!r})")
-        if not (gate.weight.shape == up.weight.shape and down.in_features == up.out_features):
-            raise ValueError("gate and up must be [hidden, in] and down [out, hidden]")
 
         def bias(linear):
             return None if linear.bias is None else linear.bias.detach().float().clone()
 
-        per_neuron = isinstance(threshold, torch.Tensor) and threshold.numel() > 1
-        if per_neuron and threshold.numel() != gate.out_features:
-            raise ValueError(f"per-neuron thresholds must have {gate.out_features} values (got {threshold.numel()})")
+        per_neuron = _check_gated_mlp(gate, up, down, threshold, activation)
         # tensors first, None buffers last: torch.export miscounts buffers after a None one
         self.register_buffer("gate", gate.weight.detach().float().t().contiguous())  # [in, hidden]: the gate is a GEMV
         self.register_buffer("bundle", torch.cat([up.weight.detach().float(), down.weight.detach().float().t()], dim=1).contiguous())
@@ -208,13 +214,7 @@ class QActSparseGatedMLP(_SparseModule):
     def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, threshold: float | torch.Tensor = 0.0,
                  activation: str = "silu"):
         super().__init__()
-        if activation not in ops.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ops.ACTIVATIONS)} (got {activation!r})")
-        if not (gate.weight.shape == up.weight.shape and down.in_features == up.out_features):
-            raise ValueError("gate and up must be [hidden, in] and down [out, hidden]")
-        per_neuron = isinstance(threshold, torch.Tensor) and threshold.numel() > 1
-        if per_neuron and threshold.numel() != gate.out_features:
-            raise ValueError(f"per-neuron thresholds must have {gate.out_features} values (got {threshold.numel()})")
+        per_neuron = _check_gated_mlp(gate, up, down, threshold, activation)
         (gq, gs), (uq, us), (dq, ds) = (quantize_weight(m.weight) for m in (gate, up, down))
         self.register_buffer("gate_t", gq.t().contiguous())
         self.register_buffer("bundle", torch.cat([uq, dq.t()], dim=1).contiguous())
