@@ -60,7 +60,9 @@ def export_pte(job: ExportJob, dest: str | Path) -> dict:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(program.buffer)
         with _progress.status(f"verifying {dest.name} in the ExecuTorch runtime"):
-            entry = verify_pte(tmp, job.model, job.sample_inputs, job.quant != "none")
+            # fp32: against the plain torch layers, so a wrong swap of our ops cannot verify itself
+            quantized = job.quant != "none"
+            entry = verify_pte(tmp, job.model if quantized else job.pruned, job.sample_inputs, quantized)
     entry.update(format="pte", path=dest.name, bytes=dest.stat().st_size, sha256=sha256_file(dest))
     if any(program.fused_chains.values()):
         entry["fused_chains"] = program.fused_chains

@@ -67,6 +67,8 @@ def _capture_for_onnx(model: nn.Module, example_inputs: tuple):
 
 def export_onnx(job: ExportJob, dest: str | Path) -> dict:
     dest = Path(dest)
+    if hasattr(job.pruned, "cache_io"):  # a decode step with a static KV cache: ONNX has no state
+        job = _with_cache_io(job)
     if job.quant == "int4w":
         raise EdgesparseError("--quant int4w is not available for --format onnx", hint="use --quant none, int8 or int8-dynamic")
     quantized = job.quant != "none"
@@ -85,7 +87,7 @@ def export_onnx(job: ExportJob, dest: str | Path) -> dict:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         with _progress.status(f"verifying {dest.name} in ONNX Runtime"):
-            entry.update(verify_onnx(tmp, job.pruned if quantized else job.model, job.sample_inputs, quantized))
+            entry.update(verify_onnx(tmp, job.pruned, job.sample_inputs, quantized))  # plain torch layers: a wrong swap cannot verify itself
     entry.update(format="onnx", path=dest.name, bytes=dest.stat().st_size, sha256=sha256_file(dest))
     entry["size_vs_dense"] = round(entry["bytes"] / entry["dense_bytes"], 4)
     return entry
@@ -142,12 +144,28 @@ def store_sparse(model) -> list[str]:
     return moved
 
 
+def _with_cache_io(job: ExportJob) -> ExportJob:
+    """The job with its stateful step(s) turned into cache-in / cache-out ones (see cache_io)."""
+    import dataclasses
+
+    pruned, example_inputs, samples = job.pruned.cache_io(job.sample_inputs)
+    model = pruned if job.model is job.pruned else job.model.cache_io(job.sample_inputs)[0]
+    return dataclasses.replace(job, model=model, pruned=pruned, example_inputs=example_inputs, sample_inputs=samples)
+
+
+def _flat(outputs) -> torch.Tensor:
+    """One output, or several (a step's logits and its cache) as one flat tensor to compare."""
+    if isinstance(outputs, (list, tuple)):
+        return torch.cat([torch.as_tensor(np.asarray(t)).reshape(-1) for t in outputs])
+    return outputs
+
+
 def verify_onnx(path: Path, model: nn.Module, sample_inputs: list[tuple], quantized: bool = False) -> dict:
     from edgesparse.runtime_kernels import ort_session
 
     session = ort_session(path)
     names = [i.name for i in session.get_inputs()]
-    reference = verify.reference(model, sample_inputs)
-    actual = [torch.from_numpy(np.asarray(session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})[0]))
-              for inputs in sample_inputs]
+    reference = [_flat(outputs) for outputs in verify.reference(model, sample_inputs)]
+    runs = [session.run(None, {n: t.numpy() for n, t in zip(names, inputs)}) for inputs in sample_inputs]
+    actual = [_flat(outputs) if len(outputs) > 1 else torch.from_numpy(np.asarray(outputs[0])) for outputs in runs]
     return verify.check(reference, actual, quantized) | {"samples": len(sample_inputs), "runtime": "onnxruntime"}

@@ -107,7 +107,7 @@ def test_export_decode_step_pte_and_onnx_then_profile(method, tokens, tmp_path):
     recipe = Recipe(act_sparsity=ActSparsityConfig(method=method, target=0.5, calib_tokens=256))
     record = export_model(tiny_bundle(tokens), recipe, tmp_path, ["pte", "onnx"])
     assert [a["format"] for a in record["artifacts"]] == ["pte", "onnx"]
-    assert all(a["verified"] and a["max_abs_error"] <= 1e-4 for a in record["artifacts"])
+    assert all(a["verified"] and a["max_abs_error"] <= 1e-4 for a in record["artifacts"]), record["artifacts"]
     act = record["act_sparsity"]
     assert act["method"] == method and act["kernel_layers"] == 2 and abs(act["measured_sparsity"]["mean"] - 0.5) <= 0.02
     assert record["runtime_ops"]["kernels"] == ["edgesparse::actsparse_gated_mlp (f32)"]

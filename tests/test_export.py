@@ -42,7 +42,9 @@ def test_fp32_pte_matches_torch(tmp_path):
     # independent check: re-run the written file against the pruned eager model
     pruned = MLP().eval()
     pruned.load_state_dict(bundle.model.state_dict())  # export_model leaves the bundle's model dense
-    compress(pruned, Recipe(prune=PruneConfig(sparsity=0.8, pattern="block:4x1")))
+    # no fine-tune hook and calibration data: the default method is Wanda, calibrated on the same batches
+    assert record["prune_method"] == "wanda"
+    compress(pruned, Recipe(prune=PruneConfig(sparsity=0.8, pattern="block:4x1")), calib=bundle.calib())
     inputs = bundle.sample_inputs
     got = run_artifact(tmp_path / "model.pte", inputs)
     with torch.no_grad():
@@ -61,7 +63,7 @@ def test_int8_pte_within_tolerance(tmp_path, mode):
     # against the fp32 model as well: int8 error stays small
     fp32 = MLP().eval()
     fp32.load_state_dict(bundle.model.state_dict())
-    compress(fp32, Recipe(prune=PruneConfig(sparsity=0.5)))
+    compress(fp32, Recipe(prune=PruneConfig(sparsity=0.5)), calib=bundle.calib())
     with torch.no_grad():
         want = [fp32(*i) for i in bundle.sample_inputs]
     metrics = compare(want, run_artifact(tmp_path / "model.pte", bundle.sample_inputs))

@@ -125,6 +125,42 @@ class DecodeStep(nn.Module):
     def forward(self, input_ids, cache_position):
         return self.inner(input_ids=input_ids, cache_position=cache_position)
 
+    def cache_io(self, samples: list[tuple]) -> tuple[nn.Module, tuple, list[tuple]]:
+        """This step for a format with no state (ONNX): the KV cache goes in as inputs and comes
+        back as outputs. Returns the module, its example inputs, and `samples` (ids, position)
+        extended with the caches this step leaves after the samples before them (zeros first)."""
+        step = DecodeStepCacheIO(self)
+        cache = [torch.zeros_like(buffer) for buffer in step.buffers_()]
+        chained = []
+        with torch.no_grad():
+            for sample in samples:
+                chained.append((*sample, *cache))
+                cache = list(step(*chained[-1])[1:])
+        return step, chained[0], chained
+
+
+class DecodeStepCacheIO(nn.Module):
+    """(ids, position, *cache) -> (logits, *updated cache): the static cache's key and value
+    buffers, in named_buffers order, written from the inputs before the step and returned after."""
+
+    export_strict = True
+
+    def __init__(self, step: DecodeStep):
+        super().__init__()
+        self.step = step
+        self.names = [name for name, _ in step.named_buffers() if "key_cache" in name or "value_cache" in name]
+
+    def buffers_(self) -> list[torch.Tensor]:
+        found = dict(self.step.named_buffers())
+        return [found[name] for name in self.names]
+
+    def forward(self, input_ids, cache_position, *cache):
+        buffers = self.buffers_()
+        for buffer, value in zip(buffers, cache, strict=True):
+            buffer.copy_(value)
+        logits = self.step(input_ids, cache_position)
+        return (logits, *(buffer.clone() for buffer in buffers))
+
 
 def decode_step(model: nn.Module, prompt: torch.Tensor) -> tuple[nn.Module, tuple, list[tuple]]:
     """The export wrapper: the decode step, its example inputs, and verification inputs that
