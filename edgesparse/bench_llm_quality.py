@@ -17,7 +17,7 @@ import time
 
 from edgesparse.recipe import PruneConfig, QuantConfig, Recipe
 
-DEFAULT_ROWS = ("dense", "int8-dynamic", "int4w:g32", "int4w:g64", "int4w:g128",
+DEFAULT_ROWS = ("dense", "int8-dynamic", "int4w:g32:rtn", "int4w:g32", "int4w:g64", "int4w:g128",
                 "magnitude:unstructured", "wanda:unstructured", "sparsegpt:unstructured",
                 "magnitude:nm:2:4", "wanda:nm:2:4", "sparsegpt:nm:2:4")
 
@@ -28,8 +28,9 @@ def recipe_for(row: str, calib_batches: int = 8) -> Recipe:
         return Recipe()
     if row == "int8-dynamic":
         return Recipe(quant=QuantConfig(mode="int8-dynamic"))
-    if row.startswith("int4w:g"):
-        return Recipe(quant=QuantConfig(mode="int4w", group_size=int(row.removeprefix("int4w:g"))))
+    if row.startswith("int4w:g"):  # int4w:gN[:gptq|rtn]
+        group, _, method = row.removeprefix("int4w:g").partition(":")
+        return Recipe(quant=QuantConfig(mode="int4w", group_size=int(group), method=method or "auto", calib_batches=calib_batches))
     method, _, pattern = row.partition(":")
     sparsity = 0.0 if pattern.startswith("nm") else 0.5
     return Recipe(prune=PruneConfig(sparsity=sparsity, pattern=pattern, method=method, calib_batches=calib_batches))

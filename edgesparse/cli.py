@@ -39,6 +39,7 @@ def export(
     prune: Optional[float] = typer.Option(None, "--prune", help="target sparsity in [0, 1), e.g. 0.9"),
     pattern: Optional[str] = typer.Option(None, "--pattern", help="unstructured | block:RxC | nm:N:M | channel"),
     quant: Optional[str] = typer.Option(None, "--quant", help="none | int8 | int8-dynamic | int4w"),
+    quant_method: Optional[str] = typer.Option(None, "--quant-method", help="int4w rounding: gptq | rtn (default: gptq when the model has calibration data)"),
     prune_method: Optional[str] = typer.Option(None, "--prune-method", help="magnitude | wanda | sparsegpt (calibrated one-shot; default: magnitude with a fine-tune, wanda for an all-linear model with calibration data and no fine-tune)"),
     fmt: str = typer.Option("pte", "--format", help="comma-separated formats: pte, onnx, tflite (tflite needs the [tflite] extra)"),
     onnx_sparse_storage: bool = typer.Option(False, "--onnx-sparse-storage", help="store mostly-zero ONNX initializers as sparse tensors (smaller file; ONNX Runtime densifies them at load)"),
@@ -71,7 +72,7 @@ def export(
         pruning = (prune or 0) > 0 or (pattern or "").startswith("nm")
         finetune_steps = 300 if pruning and prune_method in (None, "auto", "magnitude") else 0
     resolved = recipe_from_options(base, prune, pattern, quant, finetune_steps, act_sparsity, act_method, act_finetune_steps,
-                                   prune_method=prune_method)
+                                   prune_method=prune_method, quant_method=quant_method)
     import contextlib
 
     decide = contextlib.nullcontext()

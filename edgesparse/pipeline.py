@@ -218,7 +218,8 @@ def _rowwise(predict):
 
 def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str | None, quant: str | None, steps: int | None,
                         act_sparsity: float | None = None, act_method: str | None = None,
-                        act_finetune_steps: int | None = None, prune_method: str | None = None) -> Recipe:
+                        act_finetune_steps: int | None = None, prune_method: str | None = None,
+                        quant_method: str | None = None) -> Recipe:
     """CLI flags override the recipe file's values."""
     import dataclasses
 
@@ -238,6 +239,8 @@ def recipe_from_options(base: Recipe | None, prune: float | None, pattern: str |
     if steps is not None:
         prune_cfg = dataclasses.replace(prune_cfg, schedule=dataclasses.replace(prune_cfg.schedule, steps=steps))
     quant_cfg = dataclasses.replace(recipe.quant, mode=quant) if quant is not None else recipe.quant
+    if quant_method is not None:
+        quant_cfg = dataclasses.replace(quant_cfg, method=quant_method)
     act = {k: v for k, v in (("target", act_sparsity), ("method", act_method), ("finetune_steps", act_finetune_steps)) if v is not None}
     act_cfg = dataclasses.replace(recipe.act_sparsity, **act) if act else recipe.act_sparsity
     return Recipe(prune=prune_cfg, quant=quant_cfg, act_sparsity=act_cfg)

@@ -97,22 +97,52 @@ def prune_calibrated(model: nn.Module, active: list[tuple[Layer, object]], metho
         _write(layer, weight, make_mask(weight, Pattern.parse(plan.pattern), plan.target_sparsity))
     if idle:
         _progress.console.print(f"[yellow]{len(idle)} layers never ran on the calibration inputs (e.g. {idle[0][0].name}): pruned by magnitude")
+    _sequential(model, order, data, method == "sparsegpt", lambda members, stats: _prune_members(members, stats, method),
+                f"{method} pruning ({len(data)} calibration batches)")
+
+
+def gptq_calibrated(model: nn.Module, layers: list[Layer], calib: Iterable[tuple], batches: int,
+                    group_size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ (Frantar et al. 2022) int4 for `layers` (linears whose inputs split into groups of
+    `group_size`), block by block on the calibration inputs like SparseGPT: each layer's weights
+    are written back as their int4 grid values (so the next blocks calibrate on the quantized
+    model), and {name: (int4 values as int8 [out, in], scales [out, in // group_size])} returned
+    for the quantizer to use as they are. Zero weights (pruned) stay zero."""
+    data = [b if isinstance(b, tuple) else (b,) for _, b in zip(range(batches), calib or ())]
+    if not data:
+        return {}
+    order, _idle = _execution_order(model, [(layer, None) for layer in layers], data[0])
+    found = {}
+
+    def quantize_members(members, stats):
+        for layer, _ in members:
+            stat = stats[layer.name]
+            weight = _matrix(layer)
+            q, scale = gptq_int4(weight, stat.xtx / max(stat.tokens, 1), group_size, keep=weight != 0)
+            found[layer.name] = (q, scale)
+            _write(layer, q.double().mul(scale.repeat_interleave(group_size, 1).double()).float(), (weight != 0).float())
+
+    _sequential(model, order, data, True, quantize_members, f"GPTQ int4 ({len(data)} calibration batches)")
+    return found
+
+
+def _sequential(model: nn.Module, order: list, data: list[tuple], full: bool, action, title: str) -> None:
+    """Run `action(members, stats)` group by group in execution order, each group's statistics
+    gathered on the outputs of the groups already processed."""
     groups: dict[str, list] = {}
     for layer, plan in order:
         groups.setdefault(group_key(layer.name), []).append((layer, plan))
-    full = method == "sparsegpt"
     keys = list(groups)
-    with torch.no_grad(), _progress.bar(f"{method} pruning ({len(data)} calibration batches)", len(groups)) as advance:
+    with torch.no_grad(), _progress.bar(title, len(groups)) as advance:
         i = 0
         while i < len(keys):
             run = _block_run(model, keys[i:])
             # a stack of blocks: capture the first one's inputs once, then block by block
-            if len(run) > 1 and _prune_stack(model, [(model.get_submodule(key), groups[key]) for key in run], data, method, full, advance):
+            if len(run) > 1 and _process_stack(model, [(model.get_submodule(key), groups[key]) for key in run], data, full, action, advance):
                 i += len(run)
                 continue
             members = groups[keys[i]]
-            stats = _collect(model, [layer for layer, _ in members], data, full)
-            _prune_members(members, stats, method)
+            action(members, _collect(model, [layer for layer, _ in members], data, full))
             advance()
             i += 1
 
@@ -154,8 +184,8 @@ def _no_cache(kwargs: dict) -> dict:
     return out
 
 
-def _prune_stack(model: nn.Module, blocks: list, data: list[tuple], method: str, full: bool, advance) -> bool:
-    """Sequential pruning of a stack of blocks, each run on its own: the first block's inputs
+def _process_stack(model: nn.Module, blocks: list, data: list[tuple], full: bool, action, advance) -> bool:
+    """Sequential processing (pruning, quantization) of a stack of blocks, each run on its own: the first block's inputs
     (hidden states plus keyword inputs such as the attention mask and rotary embeddings) are
     captured once; each block's output on the pruned block is the next block's input."""
     inputs = []
@@ -185,7 +215,7 @@ def _prune_stack(model: nn.Module, blocks: list, data: list[tuple], method: str,
         finally:
             for handle in hooks:
                 handle.remove()
-        _prune_members(members, stats, method)
+        action(members, stats)
         outputs = []
         for args, kwargs in inputs:
             out = block(*args, **kwargs)
@@ -291,17 +321,62 @@ def wanda(weight: torch.Tensor, sq: torch.Tensor, pattern: Pattern, sparsity: fl
     return weight, _pattern_mask(scores, pattern, sparsity, per_row=True)
 
 
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsity: float,
-              blocksize: int = BLOCKSIZE, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstructed weight, mask) for W [out, in] and H = X^T X / tokens [in, in]."""
+def _inverse_hessian(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W in float64 with the weights of never-active inputs zeroed, the upper Cholesky factor of
+    the dampened H^-1), the OBS quantities SparseGPT and GPTQ both walk the columns with."""
     W = weight.double().clone()
-    rows, cols = W.shape
     H = hessian.double().clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do nothing
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    return W, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def int4_scale(group: torch.Tensor) -> torch.Tensor:
+    """Symmetric int4 scale per row of `group` [rows, g]: max |w| / 7.5 (torchao's choice for
+    [-8, 7]), rounded to bf16 as XNNPACK stores it."""
+    scale = group.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 7.5
+    return scale.to(torch.bfloat16).double()
+
+
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, keep: torch.Tensor | None = None,
+              blocksize: int = BLOCKSIZE, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int4 values as int8 [out, in], float32 scales [out, in // group_size]) for W [out, in] and
+    H = X^T X / tokens: columns quantized left to right, each one's error pushed onto the columns
+    not yet quantized; a group's scale is taken from its weights as they stand when the group
+    starts. `keep` (bool, W's shape): weights outside it become exactly zero (a pruning mask)."""
+    W, Hinv = _inverse_hessian(weight, hessian, damp)
+    rows, cols = W.shape
+    if cols % group_size:
+        raise EdgesparseError(f"GPTQ: {cols} inputs do not split into groups of {group_size}")
+    blocksize = max(group_size, blocksize - blocksize % group_size)  # a group never straddles two blocks
+    keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep
+    Q = torch.zeros(rows, cols, dtype=torch.int8)
+    scales = torch.zeros(rows, cols // group_size, dtype=torch.float64)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group_size == 0:
+                scales[:, col // group_size] = int4_scale(W1[:, i : i + group_size])
+            scale = scales[:, col // group_size]
+            q = torch.clamp(torch.round(W1[:, i] / scale), -8, 7) * keep[:, col]
+            Q[:, col] = q.to(torch.int8)
+            err = (W1[:, i] - q * scale) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q, scales.float()
+
+
+def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsity: float,
+              blocksize: int = BLOCKSIZE, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstructed weight, mask) for W [out, in] and H = X^T X / tokens [in, in]."""
+    W, Hinv = _inverse_hessian(weight, hessian, damp)
+    rows, cols = W.shape
     diag = torch.diag(Hinv)
     if pattern.kind == "nm" and blocksize % pattern.m:  # an M-group never straddles two blocks
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)

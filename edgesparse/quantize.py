@@ -79,11 +79,15 @@ def quantize(
     if cfg.mode == "none":
         return model, {"mode": "none"}
     if cfg.mode == "int4w":
-        return _linear_dynamic(model, cfg, 4), {"mode": "int4w", "group_size": cfg.group_size,
-                                                "weights": "int4 symmetric, per group (bf16 scales, as XNNPACK stores them)",
-                                                "activations": "int8 per-token dynamic"}
+        batches = list(take_batches(calib, cfg.calib_batches)) if calib is not None else []
+        quantized, gptq_layers = _linear_dynamic(model, cfg, 4, batches)
+        rounding = (f"GPTQ on {len(batches)} calibration batches ({gptq_layers} layers; the rest rounded to nearest)"
+                    if gptq_layers else "rounded to nearest")
+        return quantized, {"mode": "int4w", "group_size": cfg.group_size,
+                           "weights": f"int4 symmetric, per group (bf16 scales, as XNNPACK stores them), {rounding}",
+                           "activations": "int8 per-token dynamic"}
     if wrapped and cfg.mode == "int8-dynamic":
-        return _linear_dynamic(model, cfg, 8), {"mode": cfg.mode, "weights": "int8 per-channel symmetric",
+        return _linear_dynamic(model, cfg, 8)[0], {"mode": cfg.mode, "weights": "int8 per-channel symmetric",
                                                 "activations": "int8 per-token dynamic", "layers": "linear"}
     if wrapped:
         raise EdgesparseError(
@@ -125,10 +129,11 @@ def take_batches(iterable: Iterable, n: int):
         yield item if isinstance(item, tuple) else (item,)
 
 
-def _linear_dynamic(model: nn.Module, cfg: QuantConfig, bits: int) -> nn.Module:
+def _linear_dynamic(model: nn.Module, cfg: QuantConfig, bits: int, calib: list[tuple] | None = None) -> tuple[nn.Module, int]:
     """torchao's 8daNw on every linear: int`bits` symmetric weights (int4: per group of
     cfg.group_size inputs, per row when the input size is not a multiple; int8: per row) with
-    per-token dynamic int8 activations."""
+    per-token dynamic int8 activations. int4 with calibration data and cfg.method gptq or auto:
+    the grouped layers' int4 values and scales come from GPTQ. Returns (model, GPTQ'd layers)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.utils import unwrap_tensor_subclass
@@ -138,6 +143,11 @@ def _linear_dynamic(model: nn.Module, cfg: QuantConfig, bits: int) -> nn.Module:
     if not linears:
         raise EdgesparseError(f"--quant {cfg.mode} quantizes linear layers here and this model has none", hint="use --quant int8")
     dtype = torch.int4 if bits == 4 else torch.int8
+    gptq = {}
+    if bits == 4 and calib and cfg.method in ("auto", "gptq"):
+        gptq = _gptq(model, cfg, calib)
+    elif bits == 4 and cfg.method == "gptq":
+        raise EdgesparseError("--quant-method gptq needs calibration inputs and this model has none", hint="use --quant-method rtn")
     if bits == 4:
         grouped = lambda m, _fqn: isinstance(m, nn.Linear) and m.in_features % cfg.group_size == 0  # noqa: E731
         per_row = lambda m, _fqn: isinstance(m, nn.Linear) and m.in_features % cfg.group_size != 0  # noqa: E731
@@ -151,5 +161,25 @@ def _linear_dynamic(model: nn.Module, cfg: QuantConfig, bits: int) -> nn.Module:
             # perplexity we report and the verification reference) is the one the .pte runs
             if bits == 4 and grouped(module, "") and isinstance(scale := getattr(module.weight, "scale", None), torch.Tensor):
                 scale.copy_(scale.to(torch.bfloat16).to(scale.dtype))
+        for name, (values, scales) in gptq.items():
+            weight = model.get_submodule(name).weight
+            weight.qdata.copy_(values)
+            weight.scale.copy_(scales.reshape(weight.scale.shape))
     unwrap_tensor_subclass(model)
-    return model
+    return model, len(gptq)
+
+
+def _gptq(model: nn.Module, cfg: QuantConfig, calib: list[tuple]) -> dict:
+    """GPTQ int4 values and scales for the model's grouped linears (in place: their weights become
+    the int4 grid). A weight shared with another module (an LM head tied to the embedding) is left
+    to round-to-nearest: writing its grid would change the other module too."""
+    from edgesparse.layers import Layer
+    from edgesparse.prune_llm import gptq_calibrated
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    layers = [Layer(name, module, "linear") for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and module.in_features % cfg.group_size == 0 and owners[id(module.weight)] == 1]
+    return gptq_calibrated(model, layers, calib, cfg.calib_batches, cfg.group_size)

@@ -199,10 +199,13 @@ class QuantConfig:
     mode: str = "none"
     calib_batches: int = 32
     group_size: int = 32
+    method: str = "auto"  # int4w rounding: gptq | rtn (round to nearest) | auto (gptq when calibration data exists)
 
     def __post_init__(self):
         if self.mode not in QUANT_MODES:
             raise EdgesparseError(f"unknown quantization {self.mode!r} (use one of {', '.join(QUANT_MODES)})")
+        if self.method not in ("auto", "gptq", "rtn"):
+            raise EdgesparseError(f"unknown quantization method {self.method!r} (use auto, gptq or rtn)")
         if self.calib_batches < 1 or self.group_size < 1:
             raise EdgesparseError("quant.calib_batches and quant.group_size must be >= 1")
 

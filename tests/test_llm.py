@@ -98,6 +98,28 @@ def test_sparsegpt_reconstructs_layer_outputs_better_than_magnitude(pattern):
     assert e_sgpt < e_wanda  # the weight update reconstructs, the mask choice alone does not
 
 
+def test_gptq_int4_reconstructs_layer_outputs_better_than_rounding_and_keeps_zeros():
+    from edgesparse.prune_llm import gptq_int4, int4_scale
+
+    x = correlated_inputs()
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    weight[:, ::5] = 0.0  # a pruned layer: its zeros must stay exactly zero
+    reference = x @ weight.T
+    group = 32
+    q, scales = gptq_int4(weight, x.T @ x / len(x), group, keep=weight != 0)
+    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7 and scales.shape == (64, 256 // group)
+    assert bool((q[weight == 0] == 0).all())
+    assert torch.equal(scales, scales.to(torch.bfloat16).float())  # as XNNPACK stores them
+    gptq = q.float() * scales.repeat_interleave(group, 1)
+    rtn_scales = torch.cat([int4_scale(g.double()).float().unsqueeze(1) for g in weight.split(group, 1)], 1)
+    rtn = torch.clamp(torch.round(weight / rtn_scales.repeat_interleave(group, 1)), -8, 7) * rtn_scales.repeat_interleave(group, 1)
+
+    def error(w):
+        return float((x @ w.T - reference).norm() / reference.norm())
+
+    assert error(gptq) < 0.7 * error(rtn), (error(gptq), error(rtn))
+
+
 def prune_recipe(method, pattern="nm:2:4", sparsity=0.0, quant="none"):
     # every block linear (the tied lm_head stays dense: pruning it would prune the embedding too)
     return Recipe(prune=PruneConfig(sparsity=sparsity, pattern=pattern, method=method, keep_first_last_dense=False, exclude=("lm_head",)),
