@@ -381,6 +381,11 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
     fail(ctx, op, "scales must be float [out_features]");
     return out;
   }
+  if (const char* why = es_qs8_bcsr_check(out_features, in_features, block_rows, row_ptr.const_data_ptr<int32_t>(),
+                                          row_ptr.numel(), col_idx.numel(), values.numel())) {
+    fail(ctx, op, why);
+    return out;
+  }
   if (!resize_last_dim(ctx, x, out_features, out)) return out;
   const es_bcsr_qs8 w{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
                       static_cast<size_t>(block_rows), values.const_data_ptr<int8_t>(),

@@ -5,7 +5,7 @@
 //   NmConv1x1(x, values, idx, bias?)                same attrs, x in NCHW
 //   ActSparseLinear(x, weight_t, bias?)             attr threshold
 //   ActSparseGatedMLP(x, gate, bundle, gate_bias?, up_bias?, down_bias?)  attrs threshold, activation
-//   QActSparseLinear, QActSparseGatedMLP: int8 weights (further down)
+//   QBcsrLinear, QActSparseLinear, QActSparseGatedMLP: int8 weights (further down)
 // The nodes are what torch.onnx emits for edgesparse's sparse modules (runtime_kernels/modules.py).
 // Load with SessionOptions.register_custom_ops_library(path) or edgesparse.ort_session(path).
 // Work is split across the session's intra-op threads (intra_op_num_threads) on ORT >= 1.17, which
@@ -528,11 +528,49 @@ OrtStatus* compute_qs8_gated_mlp(void* kernel, OrtKernelContext* ctx) {
 
 void destroy_qs8_actsparse(void* k) { delete static_cast<QActSparseKernel*>(k); }
 
+// QBcsrLinear(x, values int8, col_idx, row_ptr, scales, bias?)  attrs block_rows, in_features, out_features:
+// int8 BCSR Rx1 (blocks in groups of four, formats.pack_qs8_bcsr), x quantized per row here.
+OrtStatus* compute_qs8_bcsr(void* kernel, OrtKernelContext* ctx) {
+  const auto& k = *static_cast<BcsrKernel*>(kernel);
+  View x, values, col_idx, row_ptr, scales;
+  const float* bias = nullptr;
+  float* y = nullptr;
+  ES_ORT_TRY(input(ctx, 0, &x));
+  ES_ORT_TRY(input(ctx, 1, &values));
+  ES_ORT_TRY(input(ctx, 2, &col_idx));
+  ES_ORT_TRY(input(ctx, 3, &row_ptr));
+  ES_ORT_TRY(input(ctx, 4, &scales));
+  ES_ORT_TRY(optional_bias(ctx, 5, k.out_features, &bias));
+  if (values.type != kOrtInt8 || col_idx.type != ORT_INT32 || row_ptr.type != ORT_INT32 || row_ptr.numel() < 1 ||
+      scales.type != ORT_FLOAT || scales.numel() != k.out_features)
+    return error("edgesparse::QBcsrLinear: int8 values, int32 col_idx / row_ptr, float scales [out_features] expected");
+  if (const char* why = es_qs8_bcsr_check(k.out_features, k.in_features, k.block_rows, static_cast<const int32_t*>(row_ptr.data),
+                                          row_ptr.numel(), col_idx.numel(), values.numel()))
+    return error(std::string("edgesparse::QBcsrLinear: ") + why);
+  ES_ORT_TRY(prepare(ctx, x, false, k.in_features, k.out_features, &y));
+  const es_bcsr_qs8 w{static_cast<size_t>(k.out_features), static_cast<size_t>(k.in_features),
+                      static_cast<size_t>(k.block_rows), static_cast<const int8_t*>(values.data),
+                      static_cast<const int32_t*>(col_idx.data), static_cast<const int32_t*>(row_ptr.data),
+                      static_cast<const float*>(scales.data), bias};
+  const size_t rows = static_cast<size_t>(x.numel() / k.in_features);
+  std::vector<int8_t> xq(rows * w.in);
+  std::vector<float> x_scale(rows);
+  es_qs8_quantize_rows(rows, w.in, static_cast<const float*>(x.data), xq.data(), x_scale.data());
+  const int64_t macs = static_cast<int64_t>(w.block_rows * rows);
+  const int32_t* rp = w.row_ptr;
+  parallel(ctx, (w.out + w.block_rows - 1) / w.block_rows,
+           [=](size_t b) { return (static_cast<int64_t>(rp[b]) + static_cast<int64_t>(b)) * macs; },
+           [&](size_t b0, size_t b1) { es_qs8_bcsr_linear_blocks(&w, rows, xq.data(), x_scale.data(), y, nullptr, b0, b1); });
+  return nullptr;
+}
+
 OpDef g_qs8_actsparse_ops[] = {
     {make_op(create_qs8_actsparse, compute_qs8_actsparse, destroy_qs8_actsparse), "QActSparseLinear", 4,
      {ORT_FLOAT, kOrtInt8, ORT_FLOAT, ORT_FLOAT}, 3},
     {make_op(create_qs8_actsparse, compute_qs8_gated_mlp, destroy_qs8_actsparse), "QActSparseGatedMLP", 6,
      {ORT_FLOAT, kOrtInt8, kOrtInt8, ORT_FLOAT, ORT_FLOAT, ORT_FLOAT}, 4},
+    {make_op(create_bcsr, compute_qs8_bcsr, destroy_bcsr), "QBcsrLinear", 6,
+     {ORT_FLOAT, kOrtInt8, ORT_INT32, ORT_INT32, ORT_FLOAT, ORT_FLOAT}, 5},
 };
 
 }  // namespace

@@ -36,6 +36,7 @@ typedef void (*es_qs8_fn)(const es_bcsr_qs8*, size_t, const int8_t*, const float
   void es_f32_actsparse_linear__##isa(const es_actsparse_f32*, float, size_t, const float*, float*, size_t, size_t); \
   void es_f32_gated_mlp_hidden__##isa(const es_gated_mlp_f32*, float, size_t, const float*, float*, size_t, size_t); \
   void es_qs8_bcsr_linear__##isa(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t); \
+  void es_qs8_quantize_rows__##isa(size_t, size_t, const float*, int8_t*, float*);                             \
   void es_f32_nm_linear__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);                  \
   void es_f32_nm_conv1x1_nchw__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);
 
@@ -45,10 +46,12 @@ ES_DECLARE(avx2)
 ES_DECLARE(avx512)
 void es_qs8_bcsr_linear__avx512vnni(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t,
                                     size_t);
+void es_qs8_quantize_rows__avx512vnni(size_t, size_t, const float*, int8_t*, float*);
 #elif defined(__aarch64__)
 ES_DECLARE(neon)
 void es_qs8_bcsr_linear__neondot(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t,
                                  size_t);
+void es_qs8_quantize_rows__neondot(size_t, size_t, const float*, int8_t*, float*);
 #endif
 
 static int es_supported(const char* isa) {
@@ -78,12 +81,14 @@ static const struct {
   es_gated_fn gated_hidden;
   es_fused_fn conv1x1_fused;
   es_dwconv_fn dwconv3x3;
+  void (*qs8_quantize)(size_t, size_t, const float*, int8_t*, float*);
 } es_table[] = {  /* best first */
 /* a row: its name, the ISA of its f32 kernels and the ISA of its int8 kernels */
 #define ES_ROW(name, f32, qs8)                                                                               \
   {#name, es_f32_bcsr_linear__##f32, es_f32_bcsr_conv1x1_nchw__##f32, es_f32_actsparse_linear__##f32,          \
    es_qs8_bcsr_linear__##qs8, es_f32_nm_linear__##f32, es_f32_nm_conv1x1_nchw__##f32,                           \
-   es_f32_gated_mlp_hidden__##f32, es_f32_bcsr_conv1x1_nchw_fused__##f32, es_f32_dwconv3x3_nchw__##f32}
+   es_f32_gated_mlp_hidden__##f32, es_f32_bcsr_conv1x1_nchw_fused__##f32, es_f32_dwconv3x3_nchw__##f32,         \
+   es_qs8_quantize_rows__##qs8}
 #if defined(__x86_64__)
     ES_ROW(avx512vnni, avx512, avx512vnni),
     ES_ROW(avx512, avx512, avx512),
@@ -114,6 +119,10 @@ int es_force_isa(const char* name) {
 
 const char* es_f32_bcsr_isa(void) { return es_table[es_select()].isa; }
 
+void es_qs8_quantize_rows(size_t n, size_t in, const float* x, int8_t* xq, float* x_scale) {
+  es_table[es_select()].qs8_quantize(n, in, x, xq, x_scale);
+}
+
 int es_bcsr_shape_supported(size_t block_rows, size_t block_cols) {
   if (block_cols == 1) return block_rows == 1 || block_rows == 2 || block_rows == 4 || block_rows == 8;
   return block_rows == 1 && (block_cols == 2 || block_cols == 4 || block_cols == 8 || block_cols == 16);
@@ -131,6 +140,13 @@ const char* es_bcsr_check(size_t out, size_t in, size_t block_rows, size_t block
   if (nnz < 0 || col_idx_len < (size_t)nnz || values_len < (size_t)nnz * block_rows * block_cols)
     return "row_ptr does not match col_idx / values";
   return NULL;
+}
+
+const char* es_qs8_bcsr_check(size_t out, size_t in, size_t block_rows, const int32_t* row_ptr, size_t row_ptr_len,
+                              size_t col_idx_len, size_t values_len) {
+  const char* why = es_bcsr_check(out, in, block_rows, 1, row_ptr, row_ptr_len, col_idx_len, values_len);
+  if (!why && row_ptr[row_ptr_len - 1] % 4) why = "int8 BCSR blocks must come in groups of four (formats.pack_qs8_bcsr)";
+  return why;
 }
 
 const char* es_nm_check(size_t out, size_t in, size_t n, size_t m, size_t values_len, size_t idx_len) {

@@ -115,7 +115,7 @@ static void actsparse_tests(int* passed, int* failed) {
 /* int8 BCSR: int32 accumulators bit-exact against an integer reference (extreme values -128/127
  * included), and the dequantized output against the same sums in double. */
 static void qs8_tests(int* passed, int* failed) {
-  const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 5}, {20, 1031, 7}};
+  const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 5}, {20, 1031, 7}, {40, 96, 37}, {24, 64, 8}, {30, 70, 17}};
   const size_t block_rows[] = {1, 2, 4, 8};
   const double densities[] = {0.0, 0.1, 0.5, 1.0};
   for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)

@@ -95,6 +95,9 @@ int es_bcsr_shape_supported(size_t block_rows, size_t block_cols);
 const char* es_bcsr_check(size_t out, size_t in, size_t block_rows, size_t block_cols, const int32_t* row_ptr,
                           size_t row_ptr_len, size_t col_idx_len, size_t values_len);
 const char* es_nm_check(size_t out, size_t in, size_t n, size_t m, size_t values_len, size_t idx_len);
+/* es_bcsr_check for int8 BCSR Rx1 (es_bcsr_qs8): blocks come in groups of four */
+const char* es_qs8_bcsr_check(size_t out, size_t in, size_t block_rows, const int32_t* row_ptr, size_t row_ptr_len,
+                              size_t col_idx_len, size_t values_len);
 
 /* N:M linear and 1x1 conv (NCHW), for output channels [o0, o1) (threads split that range). */
 typedef struct {

@@ -26,7 +26,7 @@ void es_qs8_bcsr_linear__scalar(const es_bcsr_qs8* w, size_t n, const int8_t* xq
     }
 }
 
-void es_qs8_quantize_rows(size_t n, size_t in, const float* x, int8_t* xq, float* x_scale) {
+void es_qs8_quantize_rows__scalar(size_t n, size_t in, const float* x, int8_t* xq, float* x_scale) {
   for (size_t row = 0; row < n; row++) {
     const float* xr = x + row * in;
     float amax = 0.0f;
