@@ -18,3 +18,5 @@ class ExportJob:
     calib: list[tuple] = field(default_factory=list)  # int8 calibration batches
     onnx_sparse_storage: bool = False
     tflite_ops: str = "builtin"  # builtin (sparse weights + DENSIFY) | edgesparse (our custom ops)
+    # int8-dynamic with our int8 ops: the fp32 model with them swapped in, which ORT quantizes the rest of
+    onnx_source: nn.Module | None = None

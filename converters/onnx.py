@@ -78,7 +78,8 @@ def export_onnx(job: ExportJob, dest: str | Path) -> dict:
     entry = {"dense_bytes": dense.ByteSize()}
     if quantized:
         with _progress.status(f"quantizing {dest.name} ({job.quant}, ONNX Runtime)"):
-            proto = quantize(dense, job.quant, job.calib)
+            source = dense if job.onnx_source is None else to_onnx(job.onnx_source, job.example_inputs)
+            proto = quantize(source, job.quant, job.calib)
         entry["quantization"] = ("static QDQ: int8 per-channel weights, uint8 activations" if job.quant == "int8"
                                  else "dynamic: int8 MatMul/Gemm weights")
     if job.onnx_sparse_storage:
@@ -150,7 +151,9 @@ def _with_cache_io(job: ExportJob) -> ExportJob:
 
     pruned, example_inputs, samples = job.pruned.cache_io(job.sample_inputs)
     model = pruned if job.model is job.pruned else job.model.cache_io(job.sample_inputs)[0]
-    return dataclasses.replace(job, model=model, pruned=pruned, example_inputs=example_inputs, sample_inputs=samples)
+    source = job.onnx_source.cache_io(job.sample_inputs)[0] if job.onnx_source is not None else None
+    return dataclasses.replace(job, model=model, pruned=pruned, example_inputs=example_inputs, sample_inputs=samples,
+                               onnx_source=source)
 
 
 def _flat(outputs) -> torch.Tensor:

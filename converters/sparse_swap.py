@@ -191,16 +191,20 @@ def _plain_op(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
     return op if _same(y, reference) else "other"
 
 
-def swap_sparse_layers(model: nn.Module, plans: list[LayerPlan], example_inputs: tuple | None = None) -> int:
+def swap_sparse_layers(model: nn.Module, plans: list[LayerPlan], example_inputs: tuple | None = None,
+                       quantized: bool = False) -> int:
     """Replace eligible layers in place; returns how many were swapped. Every pruned layer's plan
-    ends with a reason for its kernel choice (the factory's, or why no factory was asked)."""
-    if example_inputs is not None and _KERNELS:
+    ends with a reason for its kernel choice (the factory's, or why no factory was asked).
+    `quantized`: the model is already quantized (its layers are the quantizer's), so no factory
+    runs and each plan only says why its layer stays dense. Int8 factories run on the fp32 model
+    before quantization (pipeline.export_model with --quant int8-dynamic)."""
+    if example_inputs is not None and _KERNELS and not quantized:
         observe_layers(model, plans, example_inputs)
     swapped = 0
     for plan in plans:
         if not plan.pattern or plan.pattern == "channel":
             continue
-        entry = _KERNELS.get((plan.pattern.split(":")[0], plan.dtype))
+        entry = None if quantized else _KERNELS.get((plan.pattern.split(":")[0], plan.dtype))
         if entry is None:
             plan.reason = plan.reason or _no_kernel_reason(plan)
             continue
@@ -224,5 +228,6 @@ def _no_kernel_reason(plan: LayerPlan) -> str:
     if not _KERNELS:
         return "dense: the edgesparse kernels are not built (run `make kernels`), so nothing runs sparse"
     if plan.dtype != "float32":
-        return f"dense {plan.dtype} in the runtime's own kernels: no edgesparse {plan.dtype} kernel runs {plan.pattern} here"
+        return (f"dense {plan.dtype} in the runtime's own kernels: no edgesparse {plan.dtype} kernel runs {plan.pattern} here"
+                + (" (pruned Linear layers run on our int8 kernels with --quant int8-dynamic)" if plan.dtype == "int8" else ""))
     return f"dense: no edgesparse kernel is registered for {plan.pattern} ({plan.dtype})"

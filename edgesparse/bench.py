@@ -225,21 +225,23 @@ CROSSOVER_MARGIN = 1.1
 
 
 def crossover(rows: list[dict]) -> list[dict]:
-    """Per (op, pattern, shape): the lowest measured sparsity from which ours beats dense XNNPACK
-    fp32 by CROSSOVER_MARGIN at that sparsity and every higher one (None: never)."""
+    """Per (op, pattern, shape, dtype): the lowest measured sparsity from which ours beats dense
+    XNNPACK of the same dtype (fp32 against fp32, int8 against int8) by CROSSOVER_MARGIN at that
+    sparsity and every higher one (None: never)."""
     table: dict[tuple, list] = {}
     for row in rows:
-        if row["baseline"] == "xnnpack-fp32" and row["op"] != "mlp" and row["dtype"] == "float32":  # weight-sparse fp32
-            table.setdefault((row["op"], row["pattern"], row["shape"], row["in"], row["out"], row["rows"]), []).append(row)
+        same_dtype = row["baseline"] == {"float32": "xnnpack-fp32", "int8": "xnnpack-int8"}[row["dtype"]]
+        if same_dtype and row["op"] != "mlp":  # weight-sparse
+            table.setdefault((row["op"], row["pattern"], row["dtype"], row["shape"], row["in"], row["out"], row["rows"]), []).append(row)
     out = []
-    for (op, pattern, shape, inp, outp, act_rows), measured in sorted(table.items()):
+    for (op, pattern, dtype, shape, inp, outp, act_rows), measured in sorted(table.items()):
         measured.sort(key=lambda r: r["sparsity"])
         min_sparsity = None
         for i, row in enumerate(measured):
             if all(r["speedup"] >= CROSSOVER_MARGIN for r in measured[i:]):
                 min_sparsity = row["sparsity"]
                 break
-        out.append({"op": op, "pattern": pattern, "shape": shape, "in": inp, "out": outp, "rows": act_rows,
+        out.append({"op": op, "pattern": pattern, **({"dtype": dtype} if dtype != "float32" else {}), "shape": shape, "in": inp, "out": outp, "rows": act_rows,
                     "min_sparsity": min_sparsity, "speedups": {f"{r['sparsity']:.2f}": round(r["speedup"], 3) for r in measured}})
     return out
 

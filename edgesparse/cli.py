@@ -379,12 +379,17 @@ def bench_kernels_cmd(
         raise EdgesparseError("no benchmark cases ran")
     table = Table(title=f"sparse kernels vs dense baselines: speedup = baseline / ours "
                         f"({threads} thread{'s' if threads > 1 else ''}, ISA {rows[0]['isa']}, medians)")
-    for col in ("op", "shape", "pattern", "sparsity", "ours ms", "vs XNNPACK fp32", "vs XNNPACK int8", "vs ORT fp32"):
+    columns = {("float32", "xnnpack-fp32"): "vs XNNPACK fp32", ("float32", "xnnpack-int8"): "vs XNNPACK int8",
+               ("float32", "onnxruntime-fp32"): "vs ORT fp32", ("int8", "xnnpack-int8"): "ours int8 vs XNNPACK int8"}
+    for col in ("op", "shape", "pattern", "sparsity", "ours ms", *columns.values()):
         table.add_column(col, justify="right", no_wrap=True)
-    for i in range(0, len(rows), 3):
-        r = rows[i : i + 3]
-        table.add_row(r[0]["op"], r[0]["shape"], r[0]["pattern"].replace("unstructured", "unstr."), f"{r[0]['sparsity']:.0%}",
-                      f"{r[0]['ours_ms']:.3f}", *(f"{b['speedup']:.2f}x" for b in r))
+    cases: dict[tuple, dict] = {}  # one line per case: its fp32 row against each baseline, and its int8 row
+    for row in rows:
+        cases.setdefault((row["op"], row["shape"], row["pattern"], row["sparsity"]), {})[(row["dtype"], row["baseline"])] = row
+    for (op, shape, pattern, sparsity), by in cases.items():
+        ours = by[("float32", "xnnpack-fp32")]["ours_ms"]
+        table.add_row(op, shape, pattern.replace("unstructured", "unstr."), f"{sparsity:.0%}", f"{ours:.3f}",
+                      *(f"{by[key]['speedup']:.2f}x" if key in by else "" for key in columns))
     out.print(table)
     if json_out:
         write_json_atomic(json_out, rows)

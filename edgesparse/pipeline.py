@@ -59,10 +59,22 @@ def export_model(
         metrics[f"{metric}_dense"] = bundle.evaluate(_eager(set_training(bundle.model, False)))
     hook = bundle.finetune() if finetune and bundle.finetune and recipe.prune.schedule.steps else None
     int8_act = _int8_act_sparsity(recipe, formats)
+    kernels = runtime_kernels.register_with_exporter(register_kernel) and has_kernels("float32")
+    int8_sparse = kernels and not int8_act and _int8_sparse(recipe)
     result = compress(
-        model, _without_quant(recipe) if int8_act else recipe, example_inputs=bundle.example_inputs,
+        model, _without_quant(recipe) if int8_act or int8_sparse else recipe, example_inputs=bundle.example_inputs,
         calib=bundle.calib() if bundle.calib else None, finetune=hook, wrapped=bundle.export_wrapper is not None,
     )
+    swapped, onnx_source = 0, None
+    if int8_sparse:  # pruned linears -> our int8 op (fp32 model), then the rest int8-dynamic (XNNPACK / ORT)
+        onnx_source = result.model = copy.deepcopy(result.model)  # result.pruned keeps the plain layers
+        for plan in result.layers:
+            plan.dtype = "int8"
+        swapped = swap_sparse_layers(result.model, result.layers, bundle.example_inputs)
+        result.model, result.quant = quantize(result.model, recipe.quant, bundle.example_inputs,
+                                              wrapped=bundle.export_wrapper is not None)
+        result.quant["sparse_layers"] = (f"{swapped} pruned linear layers on edgesparse::qs8_bcsr_linear: int8 per-channel "
+                                         "symmetric weights in Rx1 blocks, int8 per-row dynamic activations")
     act_record = None
     if recipe.act_sparsity.active:
         act_record = actsparse.sparsify(result.model, bundle, recipe.act_sparsity, finetune=finetune)
@@ -85,12 +97,12 @@ def export_model(
         metrics["eval_set"] = "; ".join(bundle.notes)
     pruned = copy.deepcopy(result.pruned)  # the swap below may work in place
     export_model_ = result.model
-    kernels = runtime_kernels.register_with_exporter(register_kernel) and has_kernels("float32")
     if kernels and recipe.quant.mode == "none" and not recipe.act_sparsity.active:
         folds = fold_batchnorm(export_model_, bundle.example_inputs)
         for plan in result.layers:
             plan.batchnorm = folds.get(plan.name)
-    swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs)
+    if not int8_sparse:
+        swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs, quantized=recipe.quant.mode != "none")
     if act_record is not None:  # `pruned` keeps the thresholded torch layers; the export model gets the ops
         if not int8_act:
             act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
@@ -107,6 +119,7 @@ def export_model(
     if bundle.export_wrapper:  # e.g. an LM: one decode step with a static KV cache
         export_model_, example_inputs, samples = bundle.export_wrapper(export_model_)
         pruned = bundle.export_wrapper(pruned)[0]
+        onnx_source = bundle.export_wrapper(onnx_source)[0] if onnx_source is not None else None
     record["example_input_shapes"] = [list(t.shape) for t in example_inputs]
     if swapped:
         kernel_names = {plan.kernel for plan in result.layers if plan.kernel != "dense-xnnpack"}
@@ -115,7 +128,7 @@ def export_model(
                                  "kernels": sorted(kernel_names)}
     job = ExportJob(export_model_, pruned, example_inputs, samples, recipe.quant.mode,
                     calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage,
-                    tflite_ops=tflite_ops)
+                    tflite_ops=tflite_ops, onnx_source=onnx_source)
     with staging_dir(out_dir) as stage:
         for fmt in formats:
             entry = FORMATS[fmt](job, stage / f"model.{fmt}")
@@ -141,6 +154,13 @@ def _int8_act_sparsity(recipe: Recipe, formats: list[str]) -> bool:
     return True
 
 
+def _int8_sparse(recipe: Recipe) -> bool:
+    """True when pruned layers can run on our int8 kernels: --quant int8-dynamic with element or
+    block pruning (the layers are swapped before quantization; see swap_factory_int8)."""
+    return (recipe.quant.mode == "int8-dynamic" and recipe.prune.active and recipe.prune.parsed_pattern.kind != "channel"
+            and not recipe.act_sparsity.active)
+
+
 def _without_quant(recipe: Recipe) -> Recipe:
     import dataclasses
 
@@ -158,7 +178,7 @@ def _warnings(recipe: Recipe, plans: list, swapped: int, kernels: bool) -> list[
         fix = ("set keep_first_last_dense = false under [prune] in a recipe (--recipe)"
                if any("first/last" in plan.reason for plan in plans) else "check the recipe's exclude/override rules and the pattern")
         return [f"the model was left unpruned ({why}); fix: {fix}"]
-    if asked and not swapped and recipe.quant.mode == "none" and not recipe.act_sparsity.active:
+    if asked and not swapped and recipe.quant.mode in ("none", "int8-dynamic") and not recipe.act_sparsity.active:
         reasons = Counter(plan.reason for plan in pruned)
         why = "; ".join(f"{n} layer{'s' if n > 1 else ''}: {reason}" for reason, n in reasons.most_common(2))
         fix = ("run `make kernels`" if not kernels else

@@ -1,9 +1,9 @@
 """Sparse or dense, by measurement: the crossover table written by
 `edgesparse bench kernels --crossover runtime_kernels/crossover.json`.
 
-For a layer, the nearest measured shape (same op and pattern; nearest activation rows, then
+For a layer, the nearest measured shape (same op, pattern and dtype; nearest activation rows, then
 nearest weight size, in log scale) gives the lowest sparsity from which our kernel beat dense
-XNNPACK fp32 by the bench's margin. Without a measurement, DEFAULT_MIN_SPARSITY applies.
+XNNPACK by the bench's margin (fp32 against fp32; int8 entries, "dtype": "int8", against int8). Without a measurement, DEFAULT_MIN_SPARSITY applies.
 `use_table(path)` (export --target) makes another table decide, e.g. one measured on the target
 device, and each layer's reason then names that table.
 """
@@ -74,13 +74,14 @@ def use_table(path, name: str | None = None):
         _active = saved
 
 
-def min_sparsity(op: str, pattern: str, rows: int | None, inp: int, out: int) -> tuple[float | None, str]:
+def min_sparsity(op: str, pattern: str, rows: int | None, inp: int, out: int, dtype: str = "float32") -> tuple[float | None, str]:
     """(lowest sparsity worth running sparse, or None if never; where that number comes from,
-    naming the table when it is not the built-in one)."""
+    naming the table when it is not the built-in one). dtype "int8": our int8 kernel against dense
+    XNNPACK int8 (entries with "dtype": "int8"; entries without one are fp32)."""
     name, table = _active if _active else (None, _table())
     where = f" in {name}" if name else ""
-    entries = [e for e in table if e["op"] == op and e["pattern"] == pattern]
+    entries = [e for e in table if e["op"] == op and e["pattern"] == pattern and e.get("dtype", "float32") == dtype]
     if not entries or rows is None:
-        return DEFAULT_MIN_SPARSITY, f"default threshold (no measurement for this op/pattern{where})"
+        return DEFAULT_MIN_SPARSITY, f"default threshold (no {dtype} measurement for this op/pattern{where})"
     nearest = min(entries, key=lambda e: (abs(math.log(e["rows"] / rows)), abs(math.log(e["in"] * e["out"] / (inp * out)))))
     return nearest["min_sparsity"], f"measured at {nearest['op']} {nearest['shape']}{where}"

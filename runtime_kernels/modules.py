@@ -18,12 +18,13 @@ from edgesparse.runtime_kernels.formats import BCSR, pack_bcsr, pack_nm, pack_qs
 BLOCK_SHAPES = {(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (1, 4), (1, 8), (1, 16)}
 
 
-def _hold_bcsr(module: nn.Module, packed: BCSR, bias: torch.Tensor | None) -> None:
-    """The packed weights and bias as buffers (they travel into the .pte / .onnx), and the shape."""
-    module.register_buffer("values", packed.values)
-    module.register_buffer("col_idx", packed.col_idx)
-    module.register_buffer("row_ptr", packed.row_ptr)
-    module.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+def _hold_bcsr(module: nn.Module, packed: BCSR, bias: torch.Tensor | None, **extra: torch.Tensor) -> None:
+    """The packed weights, `extra` tensors and bias as buffers (they travel into the .pte / .onnx),
+    and the shape. The bias, maybe None, comes last: torch.export miscounts buffers after a None one."""
+    buffers = {"values": packed.values, "col_idx": packed.col_idx, "row_ptr": packed.row_ptr, **extra,
+               "bias": None if bias is None else bias.detach().float().clone()}
+    for name, tensor in buffers.items():
+        module.register_buffer(name, tensor)
     module.block_rows, module.block_cols = packed.block_rows, packed.block_cols
     module.in_features, module.out_features = packed.in_features, packed.out_features
 
@@ -97,23 +98,22 @@ class NMConv1x1(_NMModule):
     op, op_name, onnx_op, conv = torch.ops.edgesparse.nm_conv1x1, "nm_conv1x1", "NmConv1x1", True
 
 
-class QSparseLinear(nn.Module):
-    """A pruned Linear as int8 BCSR (per-output-channel weight scales, per-row dynamic int8
-    activations, int32 sums), run by edgesparse::qs8_bcsr_linear."""
+class QSparseLinear(_SparseModule):
+    """A pruned Linear as int8 BCSR Rx1 (per-output-channel symmetric weight scales, per-row
+    dynamic int8 activations, int32 sums), run by edgesparse::qs8_bcsr_linear (ONNX: QBcsrLinear)."""
+
+    op, op_name, onnx_op = torch.ops.edgesparse.qs8_bcsr_linear, "qs8_bcsr_linear", "QBcsrLinear"
+    operands = ("values", "col_idx", "row_ptr", "scales", "bias")
+    attrs = ("block_rows", "in_features", "out_features")
 
     def __init__(self, weight2d: torch.Tensor, bias: torch.Tensor | None, block_rows: int):
         super().__init__()
         packed, scales = pack_qs8_bcsr(weight2d, block_rows)
-        _hold_bcsr(self, packed, bias)
-        self.register_buffer("scales", scales)
+        _hold_bcsr(self, packed, bias, scales=scales)
 
     @property
     def kernel_name(self) -> str:
-        return f"edgesparse::qs8_bcsr_linear ({self.block_rows}x1, int8)"
-
-    def forward(self, x):
-        return torch.ops.edgesparse.qs8_bcsr_linear(x, self.values, self.col_idx, self.row_ptr, self.scales, self.bias,
-                                                    self.block_rows, self.in_features, self.out_features)
+        return f"edgesparse::{self.op_name} ({self.block_rows}x1, int8)"
 
 
 class ActSparseLinear(_SparseModule):
@@ -285,6 +285,19 @@ def _op_of(module: nn.Module, plan) -> str | None:
     return None
 
 
+def _beats_dense(op: str, plan, weight: torch.Tensor, dtype: str = "float32") -> bool:
+    """Whether the layer's sparsity reaches the crossover measured for its shape against dense
+    XNNPACK of the same dtype; the plan's reason says which way and why."""
+    threshold, source = crossover.min_sparsity(op, plan.pattern, plan.activation_rows, weight.shape[1], weight.shape[0], dtype)
+    dense = "dense XNNPACK" + (" int8" if dtype == "int8" else "")
+    if threshold is None or plan.sparsity < threshold:
+        plan.reason = (f"{dense} was faster at every measured sparsity ({source})" if threshold is None
+                       else f"{dense}: below the {threshold:.0%} sparsity where the sparse kernel wins ({source})")
+        return False
+    plan.reason = f"sparse from {threshold:.0%} ({source})"
+    return True
+
+
 def swap_factory(module: nn.Module, plan) -> nn.Module | None:
     op = _op_of(module, plan)
     if op is None:
@@ -292,18 +305,35 @@ def swap_factory(module: nn.Module, plan) -> nn.Module | None:
                        + (", and this layer's forward computes something else" if plan.computes == "other" else ""))
         return None
     weight = module.weight.reshape(module.weight.shape[0], -1)
-    threshold, source = crossover.min_sparsity(op, plan.pattern, plan.activation_rows, weight.shape[1], weight.shape[0])
-    if threshold is None or plan.sparsity < threshold:
-        plan.reason = (f"dense XNNPACK was faster at every measured sparsity ({source})" if threshold is None
-                       else f"below the {threshold:.0%} sparsity where the sparse kernel wins ({source})")
+    if not _beats_dense(op, plan, weight):
         return None
     replacement = sparse_module(op, Pattern.parse(plan.pattern), weight, module.bias)
-    plan.reason = (f"sparse from {threshold:.0%} ({source})" if replacement is not None
-                   else f"no sparse kernel runs {plan.pattern} on a {weight.shape[0]}x{weight.shape[1]} weight")
+    if replacement is None:
+        plan.reason = f"no sparse kernel runs {plan.pattern} on a {weight.shape[0]}x{weight.shape[1]} weight"
     return replacement
 
 
+def swap_factory_int8(module: nn.Module, plan) -> nn.Module | None:
+    """int8-dynamic exports (swapped before quantization): a pruned Linear pruned to Rx1 blocks
+    (or unstructured, as 1x1) on edgesparse::qs8_bcsr_linear when its sparsity reaches the crossover
+    measured against dense XNNPACK int8; everything else stays for XNNPACK's int8 kernels."""
+    op = _op_of(module, plan)
+    shape = block_shape_for(Pattern.parse(plan.pattern))
+    if op != "linear":
+        plan.reason = "dense XNNPACK int8: our int8 sparse kernel runs Linear layers" + (
+            " (1x1 convs: fp32 only)" if op == "conv1x1" else "")
+        return None
+    if shape is None or shape[1] != 1:
+        plan.reason = f"dense XNNPACK int8: our int8 sparse kernel runs Rx1 blocks (block:1x1/2x1/4x1/8x1, unstructured), not {plan.pattern}"
+        return None
+    weight = module.weight.reshape(module.weight.shape[0], -1)
+    return QSparseLinear(weight, module.bias, shape[0]) if _beats_dense(op, plan, weight, "int8") else None
+
+
 def register(register_kernel) -> None:
-    """Our factory for every pattern kind with an fp32 kernel, into the exporter's registry."""
+    """Our factories, into the exporter's registry: fp32 for every pattern kind with a kernel, int8
+    (int8-dynamic exports) for the block and unstructured kinds."""
     for kind in ("block", "unstructured", "nm"):
         register_kernel(kind, "float32", "edgesparse-sparse", swap_factory, builtin=True)
+    for kind in ("block", "unstructured"):
+        register_kernel(kind, "int8", "edgesparse-sparse-int8", swap_factory_int8, builtin=True)

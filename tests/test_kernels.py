@@ -456,6 +456,60 @@ def test_int8_sparse_linear_matches_the_integer_reference(rows, tmp_path):
     assert F.cosine_similarity(eager.flatten(), dense.flatten(), dim=0) > 0.999
 
 
+def test_int8_sparse_ops_are_bit_exact_in_every_runtime(tmp_path):
+    """Acceptance (issue 14): a model of int8 BCSR layers (8x1 and unstructured blocks, a partial
+    last block, a bias and none, an all-zero input row) equals the integer reference (the eager
+    op) bit for bit in ExecuTorch's Python runtime, the C++ runner and ONNX Runtime, at 1 and 2
+    threads, and in the aarch64 runner (NEON / dotprod kernels) under qemu for three CPUs."""
+    import numpy as np
+    from executorch.extension.pybindings import portable_lib
+
+    from edgesparse._io import native_stderr
+    from edgesparse.converters.executorch import load_method, lower, run_pte
+    from edgesparse.converters.onnx import to_onnx
+    from edgesparse.runtime_kernels.modules import QSparseLinear
+
+    gen = torch.Generator().manual_seed(5)
+    model = nn.Sequential(QSparseLinear(sparse_weight(70, 200, 8, 0.15, gen), torch.randn(70, generator=gen), 8), nn.ReLU(),
+                          QSparseLinear(sparse_weight(33, 70, 1, 0.2, gen), None, 1)).eval()
+    x = torch.randn(6, 200, generator=gen) * 4
+    x[2] = 0
+    want = model(x)
+    path = tmp_path / "q.pte"
+    path.write_bytes(lower(model, (x,)).buffer)
+    onnx_path = tmp_path / "q.onnx"
+    onnx_path.write_bytes(to_onnx(model, (x,)).SerializeToString())
+    x.numpy().tofile(tmp_path / "x.f32")
+    runs = {}
+    for threads in (1, 2):
+        with native_stderr():
+            portable_lib._unsafe_reset_threadpool(threads)
+        runs[f"pte python {threads}t"] = run_pte(load_method(path), (x,))
+        session = edgesparse.ort_session(onnx_path, threads=threads)
+        runs[f"onnx {threads}t"] = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        out = tmp_path / f"y{threads}.f32"
+        proc = subprocess.run([str(runtime_kernels.RUNNER), str(path), "--runs", "2", "--threads", str(threads), "--input",
+                               str(tmp_path / "x.f32"), "--output", str(out)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-1000:]
+        runs[f"pte C++ {threads}t"] = torch.from_numpy(np.fromfile(out, dtype=np.float32)).reshape(want.shape)
+    with native_stderr():
+        portable_lib._unsafe_reset_threadpool(1)
+    arm_runner = runtime_kernels.ARM_BUILD_DIR / "edgesparse_runner"
+    if arm_runner.is_file() and shutil.which("qemu-aarch64"):
+        env = dict(os.environ, QEMU_LD_PREFIX="/usr/aarch64-linux-gnu",
+                   LD_LIBRARY_PATH=f"{runtime_kernels.ARM_BUILD_DIR}:{runtime_kernels.ARM_ET_ROOT / 'lib'}")
+        for cpu in ("cortex-a53", "cortex-a76", "max"):
+            out = tmp_path / f"y_{cpu}.f32"
+            proc = subprocess.run(["qemu-aarch64", "-cpu", cpu, str(arm_runner), str(path), "--runs", "1", "--input",
+                                   str(tmp_path / "x.f32"), "--output", str(out)], capture_output=True, text=True, timeout=300, env=env)
+            assert proc.returncode == 0, proc.stdout + proc.stderr[-1000:]
+            runs[f"aarch64 {cpu}"] = torch.from_numpy(np.fromfile(out, dtype=np.float32)).reshape(want.shape)
+    elif os.environ.get("CI"):
+        pytest.fail("CI must build the aarch64 runner (make arm-runner)")
+    differ = {name: float((got - want).abs().max()) for name, got in runs.items() if not torch.equal(got, want)}
+    assert not differ, differ
+
+
 def test_cpp_runner_rejects_bad_files(tmp_path):
     bad = tmp_path / "bad.pte"
     bad.write_bytes(b"\x00" * 100)

@@ -2,6 +2,7 @@
 judged by what they compute (not their class), every layer says why it runs where it runs, and a
 recipe that does nothing useful, or a factory that raises, says so in one line."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from edgesparse import runtime_kernels
 from edgesparse.converters.sparse_swap import fold_batchnorm
 from edgesparse.models import load_model
 from edgesparse.pipeline import export_model
-from edgesparse.recipe import PruneConfig, Recipe
+from edgesparse.recipe import PruneConfig, QuantConfig, Recipe
 
 from test_cli import assert_user_error, run_cli
 from user_models import make, make_odd
@@ -100,3 +101,40 @@ def test_factory_that_raises_is_one_line(tmp_path, capsys, monkeypatch):
     assert_user_error(code, err, "user_models.py: make_raising() raised FileNotFoundError: pretrained weights not found", out_dir)
     code, _, err = run_cli(["--debug", "export", f"{HERE / 'user_models.py'}:make_raising", "-o", out_dir], capsys, monkeypatch)
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("edgesparse: error:")
+
+
+def test_int8_dynamic_export_runs_pruned_linears_on_our_int8_kernels(tmp_path, capsys, monkeypatch):
+    """Acceptance (issue 14): `export --prune 0.9 --pattern block:8x1 --quant int8-dynamic` on a
+    model of Linear layers swaps the pruned ones for our int8 op (the manifest says so, with the
+    crossover that chose it), leaves the rest to the runtime's int8-dynamic kernels, and both
+    artifacts verify; the .pte holds the pruned weights sparsely, so it is far smaller than dense int8."""
+    import onnx
+
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(["export", f"{HERE / 'user_models.py'}:make_ffn_stack", "--prune", "0.9", "--pattern", "block:8x1",
+                            "--quant", "int8-dynamic", "--format", "pte,onnx", "-o", out_dir], capsys, monkeypatch)
+    assert code in (0, None), err
+    record = json.loads((out_dir / "manifest.json").read_text())
+    layers = {layer["name"]: layer for layer in record["layers"]}
+    pruned = [name for name, layer in layers.items() if layer["pattern"] == "block:8x1"]
+    assert len(pruned) == 4
+    for name in pruned:
+        assert layers[name]["kernel"] == "edgesparse::qs8_bcsr_linear (8x1, int8)" and layers[name]["dtype"] == "int8"
+        assert layers[name]["reason"].startswith("sparse from"), layers[name]["reason"]
+    assert "4 pruned linear layers on edgesparse::qs8_bcsr_linear" in record["quantization"]["sparse_layers"]
+    assert record["runtime_ops"]["kernels"] == ["edgesparse::qs8_bcsr_linear (8x1, int8)"]
+    pte, onnx_entry = record["artifacts"]
+    assert pte["verified"] and onnx_entry["verified"], (pte, onnx_entry)
+    weights = sum(layer["shape"][0] * layer["shape"][1] for layer in record["layers"])
+    assert pte["bytes"] < 0.5 * weights  # dense int8 alone would be one byte per weight
+    nodes = [node.op_type for node in onnx.load(out_dir / "model.onnx").graph.node]
+    assert nodes.count("QBcsrLinear") == 4 and nodes.count("MatMulInteger") == 2  # the first/last layers: ORT's int8
+
+
+def test_int8_dynamic_keeps_patterns_without_an_int8_kernel_dense_with_the_reason(tmp_path):
+    record = export_model(load_model(f"{HERE / 'user_models.py'}:make_ffn_stack"),
+                          Recipe(prune=PruneConfig(sparsity=0.9, pattern="block:1x4"), quant=QuantConfig(mode="int8-dynamic")),
+                          tmp_path / "out", ["pte"])
+    pruned = [layer for layer in record["layers"] if layer["pattern"] == "block:1x4"]
+    assert pruned and all(layer["kernel"] == "dense-xnnpack" and "runs Rx1 blocks" in layer["reason"] for layer in pruned)
+    assert record["artifacts"][0]["verified"]

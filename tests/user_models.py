@@ -92,3 +92,25 @@ def make_two_layer_ffn():
 
 def make_raising():
     raise FileNotFoundError("pretrained weights not found: /nowhere/weights.pt")
+
+
+class FFNStack(nn.Module):
+    """Two BERT-style feed-forward blocks (in -> 4 in -> in, GELU, residual) between an input
+    projection and a head: the middle four linears are the ones a prune recipe reaches."""
+
+    def __init__(self, dim: int = 128):
+        super().__init__()
+        self.embed = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(Dense(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)) for _ in range(2))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def make_ffn_stack():
+    torch.manual_seed(0)
+    return FFNStack().eval(), (torch.randn(8, 128),)
