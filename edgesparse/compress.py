@@ -82,8 +82,9 @@ def compress(
     set_training(model, False)
     quantized, quant_info = quantize(model, recipe.quant, example_inputs, calib, progress=_progress.track, wrapped=wrapped)
     if recipe.quant.mode != "none":
+        fp32 = set(quant_info.get("fp32_layers", ()))
         for plan in layers:
-            if recipe.quant.mode != "int4w" or plan.kind == "linear":
+            if (recipe.quant.mode != "int4w" or plan.kind == "linear") and plan.name not in fp32:
                 plan.dtype = "int4" if recipe.quant.mode == "int4w" else "int8"
     return CompressResult(quantized, model, recipe, layers, quant_info, method if cfg.active else "none")
 

@@ -200,6 +200,10 @@ class QuantConfig:
     calib_batches: int = 32
     group_size: int = 32
     method: str = "auto"  # int4w rounding: gptq | rtn (round to nearest) | auto (gptq when calibration data exists)
+    # static int8: the first and last conv/linear stay fp32 (a CNN loses most of its int8 accuracy
+    # to the raw image's and the logits' per-tensor scales; XNNPACK runs those two layers in fp32).
+    # None (default): yes for models whose first layer is a conv, no otherwise.
+    keep_first_last_fp32: bool | None = None
 
     def __post_init__(self):
         if self.mode not in QUANT_MODES:
@@ -208,6 +212,8 @@ class QuantConfig:
             raise EdgesparseError(f"unknown quantization method {self.method!r} (use auto, gptq or rtn)")
         if self.calib_batches < 1 or self.group_size < 1:
             raise EdgesparseError("quant.calib_batches and quant.group_size must be >= 1")
+        if self.keep_first_last_fp32 is not None and not isinstance(self.keep_first_last_fp32, bool):
+            raise EdgesparseError(f"quant.keep_first_last_fp32 must be true or false (got {self.keep_first_last_fp32!r})")
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,41 @@ def test_int8_pte_within_tolerance(tmp_path, mode):
     assert all(layer["dtype"] == "int8" for layer in record["layers"])
 
 
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        block = lambda cin, cout, k, groups=1: nn.Sequential(  # noqa: E731
+            nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU6())
+        self.stem, self.dw, self.expand = block(3, 16, 3), block(16, 16, 3, 16), block(16, 32, 1)
+        self.project = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.expand(self.dw(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_static_int8_cnn_keeps_its_ends_fp32_and_the_pte_equals_its_eager_reference(tmp_path):
+    """Static int8 on a CNN: the first conv and the classifier stay fp32 (manifest says so), and
+    with the biases on XNNPACK's int32 grid the .pte computes what the eager model computes (left
+    fp32, the bias difference flips roundings through every layer: MobileNetV2 failed verification)."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    data = torch.rand(40, 1, 3, 16, 16)
+    bundle = ModelBundle("small-cnn", model, (data[0],), calib=lambda: ((x,) for x in data[:32]),
+                         sample_inputs=[(x,) for x in data[32:]])
+    record = export_model(bundle, Recipe(quant=QuantConfig(mode="int8")), tmp_path)
+    assert record["quantization"]["fp32_layers"] == ["fc", "stem.0"]
+    assert {layer["name"]: layer["dtype"] for layer in record["layers"]} == {
+        "stem.0": "float32", "dw.0": "int8", "expand.0": "int8", "project.0": "int8", "fc": "float32"}
+    artifact = record["artifacts"][0]
+    assert artifact["verified"] and artifact["relative_error"] < 5e-3, artifact  # the tolerance is 5e-2
+
+
 def test_int8_pte_is_smaller_than_fp32(tmp_path):
     bundle = mlp_bundle()
     fp32 = export_model(bundle, Recipe(), tmp_path / "fp32")["artifacts"][0]["bytes"]

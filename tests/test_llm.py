@@ -136,6 +136,20 @@ def test_calibrated_pruning_exports_with_exact_patterns(method, tokens, tmp_path
     assert compressed != dense
 
 
+def test_wanda_block_pruned_linears_run_on_int8_kernels_in_the_decode_step(tokens, tmp_path):
+    """Issue 15 item 4: Wanda-pruned block linears of the decode step on our int8 sparse op where
+    the int8 crossover says it wins, the rest XNNPACK / ORT int8-dynamic; .pte and .onnx verify and
+    the C++ runner runs the step."""
+    from edgesparse.devices import profile
+
+    record = export_model(tiny_bundle(tokens), prune_recipe("wanda", "block:8x1", 0.8, "int8-dynamic"), tmp_path, ["pte", "onnx"])
+    assert [a["verified"] for a in record["artifacts"]] == [True, True], record["artifacts"]
+    sparse = [layer for layer in record["layers"] if layer["kernel"] == "edgesparse::qs8_bcsr_linear (8x1, int8)"]
+    assert len(sparse) == 14, [(layer["name"], layer["reason"]) for layer in record["layers"]]
+    assert record["metrics"]["perplexity_compressed"] < 2 * record["metrics"]["perplexity_dense"]
+    assert profile(tmp_path / "model.pte", "local", runs=5, warmup=1, runtime="cpp")["p50_ms"] > 0
+
+
 def test_calibrated_pruning_differs_from_magnitude_and_is_sequential(tokens):
     """Wanda and SparseGPT choose other weights than magnitude on the tiny Llama; SparseGPT's
     later layers see inputs recomputed through the pruned earlier ones (pruning a later layer
