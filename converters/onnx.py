@@ -88,7 +88,7 @@ def export_onnx(job: ExportJob, dest: str | Path) -> dict:
     with atomic_path(dest) as tmp:
         tmp.write_bytes(proto.SerializeToString())
         with _progress.status(f"verifying {dest.name} in ONNX Runtime"):
-            entry.update(verify_onnx(tmp, job.pruned, job.sample_inputs, quantized))  # plain torch layers: a wrong swap cannot verify itself
+            entry.update(verify_onnx(tmp, job.pruned, job.sample_inputs, job.statistical))  # plain torch layers: a wrong swap cannot verify itself
     entry.update(format="onnx", path=dest.name, bytes=dest.stat().st_size, sha256=sha256_file(dest))
     entry["size_vs_dense"] = round(entry["bytes"] / entry["dense_bytes"], 4)
     return entry

@@ -129,7 +129,7 @@ def print_export_summary(record: dict, output: Path) -> None:
         out.print(f"activation sparsity: {act['method']} target {act['target']:.0%}, measured {act['measured_sparsity']['mean']:.1%} "
                   f"on the calibration text, {act['kernel_layers']} layers on edgesparse kernels")
     for a in record["artifacts"]:
-        err = f"cosine {a['cosine']:.6f}" if record["quantization"]["mode"] != "none" else f"max abs err {a['max_abs_error']:.2e}"
+        err = f"cosine {a['cosine']:.6f}" if "min_cosine" in a.get("tolerance", {}) else f"max abs err {a['max_abs_error']:.2e}"
         acc = f", accuracy {a['accuracy']:.2%}" if "accuracy" in a else ""
         status = "[green]verified[/]" if a["verified"] else "[red]NOT verified[/]"
         size = f" ({a['size_vs_dense']:.0%} of its dense export)" if "size_vs_dense" in a else ""

@@ -128,7 +128,7 @@ def export_model(
                                  "kernels": sorted(kernel_names)}
     job = ExportJob(export_model_, pruned, example_inputs, samples, recipe.quant.mode,
                     calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage,
-                    tflite_ops=tflite_ops, onnx_source=onnx_source)
+                    tflite_ops=tflite_ops, onnx_source=onnx_source, thresholded=recipe.act_sparsity.active)
     with staging_dir(out_dir) as stage:
         for fmt in formats:
             entry = FORMATS[fmt](job, stage / f"model.{fmt}")
