@@ -126,7 +126,12 @@ def quantize(
         for batch in iterator:
             prepared(*batch)
         if dynamic:
-            prepared(*example_inputs)
+            try:
+                prepared(*example_inputs)
+            except Exception as exc:  # PT2E's rewrite of this graph does not run (seen: transformers' attention-mask indexing)
+                return _linear_dynamic(model, cfg, 8)[0], {
+                    "mode": cfg.mode, "weights": "int8 per-channel symmetric", "activations": "int8 per-token dynamic",
+                    "layers": "linear", "note": f"PT2E could not run this model ({first_line(exc)}): quantized in eager torch instead"}
     converted = convert_pt2e(prepared)
     if not dynamic:
         _snap_biases(converted)

@@ -401,9 +401,17 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   const int8_t* xqp = xq.data();
   const float* xsp = x_scale.data();
   float* yp = out.mutable_data_ptr<float>();
+  thread_local std::vector<uint8_t> tiles;  // many rows: transposed once here, shared by every piece
+  tiles.resize(es_qs8_tiles_bytes(rows, w.in));
+  if (!tiles.empty()) es_qs8_make_tiles(rows, w.in, xqp, tiles.data());
+  const uint8_t* tp = tiles.empty() ? nullptr : tiles.data();
   const int64_t blocks = static_cast<int64_t>((w.out + w.block_rows - 1) / w.block_rows);
-  for_row_blocks(blocks, w.row_ptr, static_cast<int64_t>(w.block_rows * rows),
-                 [&](size_t b0, size_t b1) { es_qs8_bcsr_linear_blocks(&w, rows, xqp, xsp, yp, nullptr, b0, b1); });
+  for_row_blocks(blocks, w.row_ptr, static_cast<int64_t>(w.block_rows * rows), [&](size_t b0, size_t b1) {
+    if (tp)
+      es_qs8_bcsr_linear_tiles(&w, rows, tp, xsp, yp, nullptr, b0, b1);
+    else
+      es_qs8_bcsr_linear_blocks(&w, rows, xqp, xsp, yp, nullptr, b0, b1);
+  });
   return out;
 }
 

@@ -556,11 +556,18 @@ OrtStatus* compute_qs8_bcsr(void* kernel, OrtKernelContext* ctx) {
   std::vector<int8_t> xq(rows * w.in);
   std::vector<float> x_scale(rows);
   es_qs8_quantize_rows(rows, w.in, static_cast<const float*>(x.data), xq.data(), x_scale.data());
+  std::vector<uint8_t> tiles(es_qs8_tiles_bytes(rows, w.in));  // many rows: transposed once, shared by every piece
+  if (!tiles.empty()) es_qs8_make_tiles(rows, w.in, xq.data(), tiles.data());
   const int64_t macs = static_cast<int64_t>(w.block_rows * rows);
   const int32_t* rp = w.row_ptr;
   parallel(ctx, (w.out + w.block_rows - 1) / w.block_rows,
            [=](size_t b) { return (static_cast<int64_t>(rp[b]) + static_cast<int64_t>(b)) * macs; },
-           [&](size_t b0, size_t b1) { es_qs8_bcsr_linear_blocks(&w, rows, xq.data(), x_scale.data(), y, nullptr, b0, b1); });
+           [&](size_t b0, size_t b1) {
+             if (!tiles.empty())
+               es_qs8_bcsr_linear_tiles(&w, rows, tiles.data(), x_scale.data(), y, nullptr, b0, b1);
+             else
+               es_qs8_bcsr_linear_blocks(&w, rows, xq.data(), x_scale.data(), y, nullptr, b0, b1);
+           });
   return nullptr;
 }
 

@@ -47,6 +47,9 @@ ES_DECLARE(avx512)
 void es_qs8_bcsr_linear__avx512vnni(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t,
                                     size_t);
 void es_qs8_quantize_rows__avx512vnni(size_t, size_t, const float*, int8_t*, float*);
+void es_qs8_make_tiles__avx512vnni(size_t, size_t, const int8_t*, uint8_t*);
+void es_qs8_bcsr_linear_tiles__avx512vnni(const es_bcsr_qs8*, size_t, const uint8_t*, const float*, float*, int32_t*,
+                                          size_t, size_t);
 #elif defined(__aarch64__)
 ES_DECLARE(neon)
 void es_qs8_bcsr_linear__neondot(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t,
@@ -118,6 +121,31 @@ int es_force_isa(const char* name) {
 }
 
 const char* es_f32_bcsr_isa(void) { return es_table[es_select()].isa; }
+
+size_t es_qs8_tiles_bytes(size_t n, size_t in) {
+#if defined(__x86_64__)
+  if (n >= ES_QS8_TILE_MIN_ROWS && es_table[es_select()].qs8_linear == es_qs8_bcsr_linear__avx512vnni) return (n + 15) / 16 * 16 * in;
+#endif
+  (void)n, (void)in;
+  return 0;
+}
+
+void es_qs8_make_tiles(size_t n, size_t in, const int8_t* xq, uint8_t* tiles) {
+#if defined(__x86_64__)
+  es_qs8_make_tiles__avx512vnni(n, in, xq, tiles);
+#else
+  (void)n, (void)in, (void)xq, (void)tiles;
+#endif
+}
+
+void es_qs8_bcsr_linear_tiles(const es_bcsr_qs8* w, size_t n, const uint8_t* tiles, const float* x_scale, float* y,
+                              int32_t* acc, size_t b0, size_t b1) {
+#if defined(__x86_64__)
+  es_qs8_bcsr_linear_tiles__avx512vnni(w, n, tiles, x_scale, y, acc, b0, b1);
+#else
+  (void)w, (void)n, (void)tiles, (void)x_scale, (void)y, (void)acc, (void)b0, (void)b1;
+#endif
+}
 
 void es_qs8_quantize_rows(size_t n, size_t in, const float* x, int8_t* xq, float* x_scale) {
   es_table[es_select()].qs8_quantize(n, in, x, xq, x_scale);

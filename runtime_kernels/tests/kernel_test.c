@@ -177,6 +177,19 @@ static void qs8_tests(int* passed, int* failed) {
           es_qs8_bcsr_linear_blocks(&w, n, xq, xs, y, NULL, 0, blocks);
           snprintf(what, sizeof what, "%s qs8 f32 out=%zu in=%zu n=%zu R=%zu", ISAS[isa], out, in, n, R);
           close_enough(y, want_y, n * out, what) ? (*passed)++ : (*failed)++;
+          const size_t tile_bytes = es_qs8_tiles_bytes(n, in);
+          if (tile_bytes) { /* tiles made once, two pieces, equal to the blocks' int32 sums */
+            uint8_t* tiles = malloc(tile_bytes);
+            int32_t* acc2 = malloc(n * out * sizeof(int32_t));
+            es_qs8_make_tiles(n, in, xq, tiles);
+            es_qs8_bcsr_linear_tiles(&w, n, tiles, xs, NULL, acc2, blocks / 3, blocks);
+            es_qs8_bcsr_linear_tiles(&w, n, tiles, xs, NULL, acc2, 0, blocks / 3);
+            int same = !memcmp(acc, acc2, n * out * sizeof(int32_t));
+            if (!same) printf("FAIL %s qs8 tiles out=%zu in=%zu n=%zu R=%zu\n", ISAS[isa], out, in, n, R);
+            same ? (*passed)++ : (*failed)++;
+            free(tiles);
+            free(acc2);
+          }
         }
         es_force_isa(NULL);
         free(p.values); free(p.col); free(p.ptr); free(p.dense); free(values); free(gvalues); free(gcol); free(gptr);
