@@ -60,7 +60,7 @@ def export_model(
     hook = bundle.finetune() if finetune and bundle.finetune and recipe.prune.schedule.steps else None
     int8_act = _int8_act_sparsity(recipe, formats)
     kernels = runtime_kernels.register_with_exporter(register_kernel) and has_kernels("float32")
-    int8_sparse = kernels and not int8_act and _int8_sparse(recipe)
+    int8_sparse = kernels and _int8_sparse(recipe)
     result = compress(
         model, _without_quant(recipe) if int8_act or int8_sparse else recipe, example_inputs=bundle.example_inputs,
         calib=bundle.calib() if bundle.calib else None, finetune=hook, wrapped=bundle.export_wrapper is not None,
