@@ -406,12 +406,8 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   if (!tiles.empty()) es_qs8_make_tiles(rows, w.in, xqp, tiles.data());
   const uint8_t* tp = tiles.empty() ? nullptr : tiles.data();
   const int64_t blocks = static_cast<int64_t>((w.out + w.block_rows - 1) / w.block_rows);
-  for_row_blocks(blocks, w.row_ptr, static_cast<int64_t>(w.block_rows * rows), [&](size_t b0, size_t b1) {
-    if (tp)
-      es_qs8_bcsr_linear_tiles(&w, rows, tp, xsp, yp, nullptr, b0, b1);
-    else
-      es_qs8_bcsr_linear_blocks(&w, rows, xqp, xsp, yp, nullptr, b0, b1);
-  });
+  for_row_blocks(blocks, w.row_ptr, static_cast<int64_t>(w.block_rows * rows),
+                 [&](size_t b0, size_t b1) { es_qs8_bcsr_linear_blocks(&w, rows, xqp, tp, xsp, yp, nullptr, b0, b1); });
   return out;
 }
 

@@ -563,10 +563,8 @@ OrtStatus* compute_qs8_bcsr(void* kernel, OrtKernelContext* ctx) {
   parallel(ctx, (w.out + w.block_rows - 1) / w.block_rows,
            [=](size_t b) { return (static_cast<int64_t>(rp[b]) + static_cast<int64_t>(b)) * macs; },
            [&](size_t b0, size_t b1) {
-             if (!tiles.empty())
-               es_qs8_bcsr_linear_tiles(&w, rows, tiles.data(), x_scale.data(), y, nullptr, b0, b1);
-             else
-               es_qs8_bcsr_linear_blocks(&w, rows, xq.data(), x_scale.data(), y, nullptr, b0, b1);
+             es_qs8_bcsr_linear_blocks(&w, rows, xq.data(), tiles.empty() ? nullptr : tiles.data(), x_scale.data(), y,
+                                       nullptr, b0, b1);
            });
   return nullptr;
 }

@@ -138,15 +138,6 @@ void es_qs8_make_tiles(size_t n, size_t in, const int8_t* xq, uint8_t* tiles) {
 #endif
 }
 
-void es_qs8_bcsr_linear_tiles(const es_bcsr_qs8* w, size_t n, const uint8_t* tiles, const float* x_scale, float* y,
-                              int32_t* acc, size_t b0, size_t b1) {
-#if defined(__x86_64__)
-  es_qs8_bcsr_linear_tiles__avx512vnni(w, n, tiles, x_scale, y, acc, b0, b1);
-#else
-  (void)w, (void)n, (void)tiles, (void)x_scale, (void)y, (void)acc, (void)b0, (void)b1;
-#endif
-}
-
 void es_qs8_quantize_rows(size_t n, size_t in, const float* x, int8_t* xq, float* x_scale) {
   es_table[es_select()].qs8_quantize(n, in, x, xq, x_scale);
 }
@@ -268,8 +259,14 @@ void es_f32_gated_mlp(const es_gated_mlp_f32* w, float threshold, size_t n, cons
   es_f32_actsparse_linear(&down, 0.0f, n, h, y);
 }
 
-void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq, const float* x_scale, float* y,
-                               int32_t* acc, size_t b0, size_t b1) {
+void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq, const uint8_t* tiles,
+                               const float* x_scale, float* y, int32_t* acc, size_t b0, size_t b1) {
+#if defined(__x86_64__)
+  if (tiles) {
+    es_qs8_bcsr_linear_tiles__avx512vnni(w, n, tiles, x_scale, y, acc, b0, b1);
+    return;
+  }
+#endif
   es_table[es_select()].qs8_linear(w, n, xq, x_scale, y, acc, b0, b1);
 }
 
@@ -282,7 +279,11 @@ int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y)
     return -1;
   }
   es_qs8_quantize_rows(n, w->in, x, xq, x_scale);
-  es_qs8_bcsr_linear_blocks(w, n, xq, x_scale, y, NULL, 0, (w->out + w->block_rows - 1) / w->block_rows);
+  const size_t tile_bytes = es_qs8_tiles_bytes(n, w->in);
+  uint8_t* tiles = tile_bytes ? malloc(tile_bytes) : NULL; /* out of memory: the row kernel */
+  if (tiles) es_qs8_make_tiles(n, w->in, xq, tiles);
+  es_qs8_bcsr_linear_blocks(w, n, xq, tiles, x_scale, y, NULL, 0, (w->out + w->block_rows - 1) / w->block_rows);
+  free(tiles);
   free(xq);
   free(x_scale);
   return 0;

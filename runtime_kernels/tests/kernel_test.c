@@ -165,8 +165,8 @@ static void qs8_tests(int* passed, int* failed) {
           if (es_force_isa(ISAS[isa]) != 0) continue;
           char what[160];
           memset(acc, 0x5a, n * out * sizeof(int32_t));
-          es_qs8_bcsr_linear_blocks(&w, n, xq, xs, NULL, acc, blocks / 2, blocks);
-          es_qs8_bcsr_linear_blocks(&w, n, xq, xs, NULL, acc, 0, blocks / 2);
+          es_qs8_bcsr_linear_blocks(&w, n, xq, NULL, xs, NULL, acc, blocks / 2, blocks);
+          es_qs8_bcsr_linear_blocks(&w, n, xq, NULL, xs, NULL, acc, 0, blocks / 2);
           int exact = 1;
           for (size_t i = 0; i < n * out && exact; i++)
             if (acc[i] != want[i]) {
@@ -174,21 +174,27 @@ static void qs8_tests(int* passed, int* failed) {
               exact = 0;
             }
           exact ? (*passed)++ : (*failed)++;
-          es_qs8_bcsr_linear_blocks(&w, n, xq, xs, y, NULL, 0, blocks);
+          es_qs8_bcsr_linear_blocks(&w, n, xq, NULL, xs, y, NULL, 0, blocks);
           snprintf(what, sizeof what, "%s qs8 f32 out=%zu in=%zu n=%zu R=%zu", ISAS[isa], out, in, n, R);
           close_enough(y, want_y, n * out, what) ? (*passed)++ : (*failed)++;
           const size_t tile_bytes = es_qs8_tiles_bytes(n, in);
-          if (tile_bytes) { /* tiles made once, two pieces, equal to the blocks' int32 sums */
+          if (tile_bytes) { /* the rows-in-lanes kernel: tiles made once, two pieces, the same checks */
             uint8_t* tiles = malloc(tile_bytes);
-            int32_t* acc2 = malloc(n * out * sizeof(int32_t));
             es_qs8_make_tiles(n, in, xq, tiles);
-            es_qs8_bcsr_linear_tiles(&w, n, tiles, xs, NULL, acc2, blocks / 3, blocks);
-            es_qs8_bcsr_linear_tiles(&w, n, tiles, xs, NULL, acc2, 0, blocks / 3);
-            int same = !memcmp(acc, acc2, n * out * sizeof(int32_t));
-            if (!same) printf("FAIL %s qs8 tiles out=%zu in=%zu n=%zu R=%zu\n", ISAS[isa], out, in, n, R);
+            memset(acc, 0x5a, n * out * sizeof(int32_t));
+            es_qs8_bcsr_linear_blocks(&w, n, xq, tiles, xs, NULL, acc, blocks / 3, blocks);
+            es_qs8_bcsr_linear_blocks(&w, n, xq, tiles, xs, NULL, acc, 0, blocks / 3);
+            int same = 1;
+            for (size_t i = 0; i < n * out && same; i++)
+              if (acc[i] != want[i]) {
+                printf("FAIL %s qs8 tiles int32 out=%zu in=%zu n=%zu R=%zu: element %zu got %d want %lld\n", ISAS[isa], out, in, n, R, i, acc[i], (long long)want[i]);
+                same = 0;
+              }
             same ? (*passed)++ : (*failed)++;
+            es_qs8_bcsr_linear_blocks(&w, n, xq, tiles, xs, y, NULL, 0, blocks);
+            snprintf(what, sizeof what, "%s qs8 tiles f32 out=%zu in=%zu n=%zu R=%zu", ISAS[isa], out, in, n, R);
+            close_enough(y, want_y, n * out, what) ? (*passed)++ : (*failed)++;
             free(tiles);
-            free(acc2);
           }
         }
         es_force_isa(NULL);

@@ -180,18 +180,17 @@ typedef struct {
 } es_bcsr_qs8;
 
 void es_qs8_quantize_rows(size_t n, size_t in, const float* x, int8_t* xq, float* x_scale);
-/* row blocks [b0, b1) from pre-quantized rows; acc != NULL writes the int32 sums instead of y */
-void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq, const float* x_scale, float* y,
-                               int32_t* acc, size_t b0, size_t b1);
-/* Many input rows: where this CPU's kernel puts the rows in the vector lanes (AVX-512 VNNI, n >= 8)
- * it reads xq transposed into tiles of 16 rows. A caller cutting one call into pieces makes the
- * tiles once (es_qs8_tiles_bytes > 0: a buffer that size, es_qs8_make_tiles) and runs each piece
- * with es_qs8_bcsr_linear_tiles; es_qs8_bcsr_linear_blocks would make them in every piece. */
+/* Many input rows: where this CPU has a kernel that puts the rows in the vector lanes (AVX-512
+ * VNNI, n >= ES_QS8_TILE_MIN_ROWS), es_qs8_tiles_bytes is > 0 and that kernel reads xq transposed
+ * into tiles of 16 rows (es_qs8_make_tiles into a buffer of that size, once per call: every piece
+ * of the call shares them). 0: no tiles, the row kernel reads xq. */
 #define ES_QS8_TILE_MIN_ROWS 8
-size_t es_qs8_tiles_bytes(size_t n, size_t in); /* 0: use es_qs8_bcsr_linear_blocks */
+size_t es_qs8_tiles_bytes(size_t n, size_t in);
 void es_qs8_make_tiles(size_t n, size_t in, const int8_t* xq, uint8_t* tiles);
-void es_qs8_bcsr_linear_tiles(const es_bcsr_qs8* w, size_t n, const uint8_t* tiles, const float* x_scale, float* y,
-                              int32_t* acc, size_t b0, size_t b1);
+/* row blocks [b0, b1) from pre-quantized rows (and their tiles, or NULL); acc != NULL writes the
+ * int32 sums instead of y */
+void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq, const uint8_t* tiles,
+                               const float* x_scale, float* y, int32_t* acc, size_t b0, size_t b1);
 /* quantize x [n, in] and run every row block; returns -1 if out of memory */
 int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y);
 
