@@ -86,9 +86,9 @@ def quantize(
         return quantized, {"mode": "int4w", "group_size": cfg.group_size,
                            "weights": f"int4 symmetric, per group (bf16 scales, as XNNPACK stores them), {rounding}",
                            "activations": "int8 per-token dynamic"}
+    per_token = {"mode": cfg.mode, "weights": "int8 per-channel symmetric", "activations": "int8 per-token dynamic", "layers": "linear"}
     if wrapped and cfg.mode == "int8-dynamic":
-        return _linear_dynamic(model, cfg, 8)[0], {"mode": cfg.mode, "weights": "int8 per-channel symmetric",
-                                                "activations": "int8 per-token dynamic", "layers": "linear"}
+        return _linear_dynamic(model, cfg, 8)[0], per_token
     if wrapped:
         raise EdgesparseError(
             f"--quant {cfg.mode} (static int8 activations) cannot be calibrated through this model's export wrapper "
@@ -105,14 +105,15 @@ def quantize(
     dynamic = cfg.mode == "int8-dynamic"
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
     info = {"mode": cfg.mode, "weights": "int8 per-channel symmetric", "activations": "int8 per-tensor " + ("dynamic" if dynamic else "static")}
-    from edgesparse.layers import find_layers
+    if not dynamic:
+        from edgesparse.layers import find_layers
 
-    layers = find_layers(model)
-    keep_ends = cfg.keep_first_last_fp32 if cfg.keep_first_last_fp32 is not None else bool(layers) and layers[0].kind == "conv"
-    if not dynamic and keep_ends and layers:
-        info["fp32_layers"] = fp32 = sorted({layers[0].name, layers[-1].name})
-        # the layers' nodes are the ones whose module stack holds them
-        quantizer.set_filter_function(lambda node: not {v[0] for v in node.meta.get("nn_module_stack", {}).values()} & set(fp32))
+        layers = find_layers(model)
+        keep_ends = cfg.keep_first_last_fp32 if cfg.keep_first_last_fp32 is not None else bool(layers) and layers[0].kind == "conv"
+        if keep_ends and layers:
+            info["fp32_layers"] = fp32 = sorted({layers[0].name, layers[-1].name})
+            # the layers' nodes are the ones whose module stack holds them
+            quantizer.set_filter_function(lambda node: not {v[0] for v in node.meta.get("nn_module_stack", {}).values()} & set(fp32))
     prepared = prepare_pt2e(capture(model, example_inputs).module(), quantizer)
     batches = []
     if not dynamic:
@@ -129,9 +130,8 @@ def quantize(
             try:
                 prepared(*example_inputs)
             except Exception as exc:  # PT2E's rewrite of this graph does not run (seen: transformers' attention-mask indexing)
-                return _linear_dynamic(model, cfg, 8)[0], {
-                    "mode": cfg.mode, "weights": "int8 per-channel symmetric", "activations": "int8 per-token dynamic",
-                    "layers": "linear", "note": f"PT2E could not run this model ({first_line(exc)}): quantized in eager torch instead"}
+                note = f"PT2E could not run this model ({first_line(exc)}): quantized in eager torch instead"
+                return _linear_dynamic(model, cfg, 8)[0], per_token | {"note": note}
     converted = convert_pt2e(prepared)
     if not dynamic:
         _snap_biases(converted)
