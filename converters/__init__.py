@@ -24,6 +24,9 @@ class ExportJob:
     # can be kept by the artifact and dropped by torch (another summation order), so verification
     # compares by cosine / relative error as for quantized models, not elementwise
     thresholded: bool = False
+    # what the .pte must match when that is not `model` (static int8 with our ops swapped into the
+    # quantized graph: the graph before the swap)
+    reference: nn.Module | None = None
 
     @property
     def statistical(self) -> bool:

@@ -62,7 +62,8 @@ def export_pte(job: ExportJob, dest: str | Path) -> dict:
         with _progress.status(f"verifying {dest.name} in the ExecuTorch runtime"):
             # fp32: against the plain torch layers, so a wrong swap of our ops cannot verify itself
             quantized = job.quant != "none"
-            entry = verify_pte(tmp, job.model if quantized else job.pruned, job.sample_inputs, job.statistical)
+            reference = job.reference if job.reference is not None else job.model if quantized else job.pruned
+            entry = verify_pte(tmp, reference, job.sample_inputs, job.statistical)
     entry.update(format="pte", path=dest.name, bytes=dest.stat().st_size, sha256=sha256_file(dest))
     if any(program.fused_chains.values()):
         entry["fused_chains"] = program.fused_chains

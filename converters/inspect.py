@@ -175,7 +175,7 @@ def _edgesparse_op(operator: str, args: list, buffers, index: int) -> Layer:
         weight = get(1)
         return Layer(f"{op}#{index}", operator, list(weight.shape), dtype, stored, float((weight == 0).float().mean()),
                      None, False, f"{operator}: dense depthwise kernel (NCHW, between sparse layers: no XNNPACK partition)")
-    elif op == "qs8_bcsr_linear":
+    elif op in ("qs8_bcsr_linear", "qs8_bcsr_conv1x1"):
         rows, inp, out = ints[:3]
         weight = unpack_bcsr(ungroup_qs8(get(1), rows).float(), get(2), get(3), rows, inp, out)
         pattern, dtype = f"block:{rows}x1", "int8"

@@ -101,8 +101,19 @@ def export_model(
         folds = fold_batchnorm(export_model_, bundle.example_inputs)
         for plan in result.layers:
             plan.batchnorm = folds.get(plan.name)
+    reference = None
+    if kernels and recipe.quant.mode == "int8" and recipe.prune.active and not recipe.act_sparsity.active:
+        # pruned 1x1 convs -> our int8 op on the quantized tensors; the .pte is checked against the
+        # graph before the swap, so a wrong swap cannot verify itself
+        from edgesparse.runtime_kernels.static_int8 import swap_static_int8_convs
+
+        reference = copy.deepcopy(export_model_)
+        swapped = swap_static_int8_convs(export_model_, result.layers)
+        if swapped:
+            result.quant["sparse_layers"] = (f"{swapped} pruned 1x1 convs on edgesparse::qs8_bcsr_conv1x1: int8 in and out "
+                                             "(no dequantize/quantize around them), weights in Rx1 blocks")
     if not int8_sparse:
-        swapped = swap_sparse_layers(export_model_, result.layers, bundle.example_inputs, quantized=recipe.quant.mode != "none")
+        swapped += swap_sparse_layers(export_model_, result.layers, bundle.example_inputs, quantized=recipe.quant.mode != "none")
     if act_record is not None:  # `pruned` keeps the thresholded torch layers; the export model gets the ops
         if not int8_act:
             act_record["kernel_layers"] = actsparse.to_kernels(export_model_) if kernels else 0
@@ -128,7 +139,8 @@ def export_model(
                                  "kernels": sorted(kernel_names)}
     job = ExportJob(export_model_, pruned, example_inputs, samples, recipe.quant.mode,
                     calib=list(_calibration(bundle, recipe)), onnx_sparse_storage=onnx_sparse_storage,
-                    tflite_ops=tflite_ops, onnx_source=onnx_source, thresholded=recipe.act_sparsity.active)
+                    tflite_ops=tflite_ops, onnx_source=onnx_source, thresholded=recipe.act_sparsity.active,
+                    reference=reference)
     with staging_dir(out_dir) as stage:
         for fmt in formats:
             entry = FORMATS[fmt](job, stage / f"model.{fmt}")

@@ -99,6 +99,11 @@ def pack_qs8_bcsr(weight: torch.Tensor, block_rows: int) -> tuple[BCSR, torch.Te
     block padded to a multiple of 4 blocks with zero blocks at its last column, then row r's four
     weights of a group stored together) and the per-output-channel scales."""
     q, scales = quantize_weight(weight)
+    return group_qs8_bcsr(q, block_rows), scales
+
+
+def group_qs8_bcsr(q: torch.Tensor, block_rows: int) -> BCSR:
+    """An int8 weight [out, in] (already quantized) as int8 BCSR Rx1 in groups of four blocks."""
     packed = pack_bcsr(q.float(), block_rows)
     R = block_rows
     counts = (packed.row_ptr[1:] - packed.row_ptr[:-1]).long()
@@ -111,7 +116,7 @@ def pack_qs8_bcsr(weight: torch.Tensor, block_rows: int) -> tuple[BCSR, torch.Te
     src = packed.row_ptr[rb].long() + torch.minimum(pos, counts[rb] - 1)  # padding repeats the last block
     blocks = torch.where(real[:, None], packed.values.reshape(-1, R)[src], 0.0)  # [slot, r]
     values = blocks.reshape(-1, 4, R).transpose(1, 2).reshape(-1).to(torch.int8).contiguous()
-    return BCSR(values, packed.col_idx[src].contiguous(), row_ptr, R, packed.out_features, packed.in_features), scales
+    return BCSR(values, packed.col_idx[src].contiguous(), row_ptr, R, packed.out_features, packed.in_features)
 
 
 def ungroup_qs8(values: torch.Tensor, block_rows: int) -> torch.Tensor:

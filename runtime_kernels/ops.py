@@ -110,6 +110,25 @@ _define("qs8_bcsr_linear", "Tensor x, Tensor values, Tensor col_idx, Tensor row_
         "int block_rows, int in_features, int out_features", _qs8_linear, lambda x, *a: a[-1])
 
 
+# Static int8 1x1 conv on quantized NCHW tensors (es_qs8_bcsr_conv1x1_nchw, XNNPACK's QS8 conv
+# semantics): x int8, int8 BCSR Rx1 weights, bias int32 [out] (the input's zero point folded in:
+# int32 bias - x_zp * row sums), mult [out] = x_scale * weight_scale / y_scale (fp32); the output
+# int8, clamped to [y_min, y_max] (a fused ReLU / ReLU6). The eager version is the integer
+# reference: exact sums in float64, then the fp32 multiply and round half to even of the kernels.
+def _qs8_conv(x, values, col_idx, row_ptr, mult, bias, block_rows, in_features, out_features, y_zp, y_min, y_max):
+    w_int = unpack_bcsr(ungroup_qs8(values.double(), block_rows), col_idx, row_ptr, block_rows, in_features, out_features)
+    acc = torch.einsum("oc,nchw->nohw", w_int, x.double())
+    if bias is not None:
+        acc = acc + bias.double()[None, :, None, None]
+    v = (acc.float() * mult[None, :, None, None]).clamp(y_min - y_zp, y_max - y_zp)
+    return (torch.round(v) + y_zp).to(torch.int8)
+
+
+_define("qs8_bcsr_conv1x1", "Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor mult, Tensor? bias, "
+        "int block_rows, int in_features, int out_features, int y_zp, int y_min, int y_max", _qs8_conv,
+        lambda x, *a: a[-4])
+
+
 # Activation sparsity on int8 weights (src/qs8-actsparse): weight_t int8 [in, out] with
 # per-output-channel scales; inputs with |x| <= threshold are skipped. dynamic=0: fp32 x times the
 # int8 rows (fp32 sums); dynamic=1: x quantized per row inside the op (quantize_rows) and summed

@@ -107,6 +107,37 @@ def test_static_int8_cnn_keeps_its_ends_fp32_and_the_pte_equals_its_eager_refere
     assert artifact["verified"] and artifact["relative_error"] < 5e-3, artifact  # the tolerance is 5e-2
 
 
+def test_static_int8_cnn_runs_its_pruned_1x1_convs_on_int8_tensors(tmp_path):
+    """Acceptance (issue 14): `--quant int8` with block pruning puts the pruned 1x1 convs on
+    edgesparse::qs8_bcsr_conv1x1, which takes and returns the int8 tensors themselves: in the .pte
+    no quantize / dequantize runs outside XNNPACK, and the op's input and output are int8. The
+    .pte verifies against the quantized graph before the swap (cosine >= 0.999)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir.schema import ScalarType
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    data = torch.rand(40, 1, 3, 16, 16)
+    bundle = ModelBundle("small-cnn", model, (data[0],), calib=lambda: ((x,) for x in data[:32]),
+                         sample_inputs=[(x,) for x in data[32:]])
+    recipe = Recipe(prune=PruneConfig(sparsity=0.8, pattern="block:8x1"), quant=QuantConfig(mode="int8"))
+    record = export_model(bundle, recipe, tmp_path)
+    kernels = {layer["name"]: layer["kernel"] for layer in record["layers"]}
+    assert kernels["expand.0"] == kernels["project.0"] == "edgesparse::qs8_bcsr_conv1x1 (8x1, int8 static)", kernels
+    assert record["quantization"]["sparse_layers"].startswith("2 pruned 1x1 convs")
+    artifact = record["artifacts"][0]
+    assert artifact["verified"] and artifact["cosine"] >= 0.999, artifact
+    plan = deserialize_pte_binary((tmp_path / "model.pte").read_bytes()).program.execution_plan[0]
+    names = [op.name for op in plan.operators]
+    assert not [name for name in names if "quantize" in name], names
+    calls = [i.instr_args for chain in plan.chains for i in chain.instructions
+             if hasattr(i.instr_args, "op_index") and names[i.instr_args.op_index] == "edgesparse::qs8_bcsr_conv1x1"]
+    assert len(calls) == 2
+    for call in calls:  # args: x, the weights..., out (and the returned alias)
+        assert plan.values[call.args[0]].val.scalar_type == ScalarType.CHAR
+        assert plan.values[call.args[-1]].val.scalar_type == ScalarType.CHAR
+
+
 def test_int8_pte_is_smaller_than_fp32(tmp_path):
     bundle = mlp_bundle()
     fp32 = export_model(bundle, Recipe(), tmp_path / "fp32")["artifacts"][0]["bytes"]

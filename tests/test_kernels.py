@@ -456,16 +456,49 @@ def test_int8_sparse_linear_matches_the_integer_reference(rows, tmp_path):
     assert F.cosine_similarity(eager.flatten(), dense.flatten(), dim=0) > 0.999
 
 
+def _run_everywhere(path, x, shape, tmp_path) -> dict:
+    """A .pte's output for float input x in ExecuTorch's Python runtime and the C++ runner at 1
+    and 2 threads, and in the aarch64 runner (NEON / dotprod kernels) under qemu for three CPUs."""
+    import numpy as np
+    from executorch.extension.pybindings import portable_lib
+
+    from edgesparse._io import native_stderr
+    from edgesparse.converters.executorch import load_method, run_pte
+
+    x.numpy().tofile(tmp_path / "x.f32")
+    runs = {}
+    for threads in (1, 2):
+        with native_stderr():
+            portable_lib._unsafe_reset_threadpool(threads)
+        runs[f"pte python {threads}t"] = run_pte(load_method(path), (x,))
+        out = tmp_path / f"y{threads}.f32"
+        proc = subprocess.run([str(runtime_kernels.RUNNER), str(path), "--runs", "2", "--threads", str(threads), "--input",
+                               str(tmp_path / "x.f32"), "--output", str(out)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-1000:]
+        runs[f"pte C++ {threads}t"] = torch.from_numpy(np.fromfile(out, dtype=np.float32)).reshape(shape)
+    with native_stderr():
+        portable_lib._unsafe_reset_threadpool(1)
+    arm_runner = runtime_kernels.ARM_BUILD_DIR / "edgesparse_runner"
+    if arm_runner.is_file() and shutil.which("qemu-aarch64"):
+        env = dict(os.environ, QEMU_LD_PREFIX="/usr/aarch64-linux-gnu",
+                   LD_LIBRARY_PATH=f"{runtime_kernels.ARM_BUILD_DIR}:{runtime_kernels.ARM_ET_ROOT / 'lib'}")
+        for cpu in ("cortex-a53", "cortex-a76", "max"):
+            out = tmp_path / f"y_{cpu}.f32"
+            proc = subprocess.run(["qemu-aarch64", "-cpu", cpu, str(arm_runner), str(path), "--runs", "1", "--input",
+                                   str(tmp_path / "x.f32"), "--output", str(out)], capture_output=True, text=True, timeout=300, env=env)
+            assert proc.returncode == 0, proc.stdout + proc.stderr[-1000:]
+            runs[f"aarch64 {cpu}"] = torch.from_numpy(np.fromfile(out, dtype=np.float32)).reshape(shape)
+    elif os.environ.get("CI"):
+        pytest.fail("CI must build the aarch64 runner (make arm-runner)")
+    return runs
+
+
 def test_int8_sparse_ops_are_bit_exact_in_every_runtime(tmp_path):
     """Acceptance (issue 14): a model of int8 BCSR layers (8x1 and unstructured blocks, a partial
     last block, a bias and none, an all-zero input row) equals the integer reference (the eager
     op) bit for bit in ExecuTorch's Python runtime, the C++ runner and ONNX Runtime, at 1 and 2
     threads, and in the aarch64 runner (NEON / dotprod kernels) under qemu for three CPUs."""
-    import numpy as np
-    from executorch.extension.pybindings import portable_lib
-
-    from edgesparse._io import native_stderr
-    from edgesparse.converters.executorch import load_method, lower, run_pte
+    from edgesparse.converters.executorch import lower
     from edgesparse.converters.onnx import to_onnx
     from edgesparse.runtime_kernels.modules import QSparseLinear
 
@@ -479,33 +512,57 @@ def test_int8_sparse_ops_are_bit_exact_in_every_runtime(tmp_path):
     path.write_bytes(lower(model, (x,)).buffer)
     onnx_path = tmp_path / "q.onnx"
     onnx_path.write_bytes(to_onnx(model, (x,)).SerializeToString())
-    x.numpy().tofile(tmp_path / "x.f32")
-    runs = {}
+    runs = _run_everywhere(path, x, want.shape, tmp_path)
     for threads in (1, 2):
-        with native_stderr():
-            portable_lib._unsafe_reset_threadpool(threads)
-        runs[f"pte python {threads}t"] = run_pte(load_method(path), (x,))
         session = edgesparse.ort_session(onnx_path, threads=threads)
         runs[f"onnx {threads}t"] = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-        out = tmp_path / f"y{threads}.f32"
-        proc = subprocess.run([str(runtime_kernels.RUNNER), str(path), "--runs", "2", "--threads", str(threads), "--input",
-                               str(tmp_path / "x.f32"), "--output", str(out)], capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr[-1000:]
-        runs[f"pte C++ {threads}t"] = torch.from_numpy(np.fromfile(out, dtype=np.float32)).reshape(want.shape)
-    with native_stderr():
-        portable_lib._unsafe_reset_threadpool(1)
-    arm_runner = runtime_kernels.ARM_BUILD_DIR / "edgesparse_runner"
-    if arm_runner.is_file() and shutil.which("qemu-aarch64"):
-        env = dict(os.environ, QEMU_LD_PREFIX="/usr/aarch64-linux-gnu",
-                   LD_LIBRARY_PATH=f"{runtime_kernels.ARM_BUILD_DIR}:{runtime_kernels.ARM_ET_ROOT / 'lib'}")
-        for cpu in ("cortex-a53", "cortex-a76", "max"):
-            out = tmp_path / f"y_{cpu}.f32"
-            proc = subprocess.run(["qemu-aarch64", "-cpu", cpu, str(arm_runner), str(path), "--runs", "1", "--input",
-                                   str(tmp_path / "x.f32"), "--output", str(out)], capture_output=True, text=True, timeout=300, env=env)
-            assert proc.returncode == 0, proc.stdout + proc.stderr[-1000:]
-            runs[f"aarch64 {cpu}"] = torch.from_numpy(np.fromfile(out, dtype=np.float32)).reshape(want.shape)
-    elif os.environ.get("CI"):
-        pytest.fail("CI must build the aarch64 runner (make arm-runner)")
+    differ = {name: float((got - want).abs().max()) for name, got in runs.items() if not torch.equal(got, want)}
+    assert not differ, differ
+
+
+class _StaticInt8Convs(nn.Module):
+    """float x -> quantize -> two static int8 1x1 convs on our op (8x1 blocks with a fused ReLU-like
+    clamp and a bias; unstructured with a partial last block and a ReLU6-like clamp) -> dequantize.
+    Power-of-two scales keep XNNPACK's quantize / dequantize at the ends exact."""
+
+    def __init__(self, gen):
+        from edgesparse.runtime_kernels.formats import group_qs8_bcsr
+
+        super().__init__()
+        self.args = []
+        for i, (out, inp, rows, y_zp, y_min, y_max) in enumerate(((40, 24, 8, -5, -5, 127), (13, 40, 1, 4, 4, 90))):
+            w = (sparse_weight(out, inp, rows, 0.2, gen) * 60).round().clamp(-127, 127).to(torch.int8)
+            packed = group_qs8_bcsr(w, rows)
+            for name, t in (("values", packed.values), ("col_idx", packed.col_idx), ("row_ptr", packed.row_ptr),
+                            ("mult", torch.rand(out, generator=gen) * 0.01 + 0.002),
+                            ("bias", (torch.randn(out, generator=gen) * 500).to(torch.int32) if i == 0 else None)):
+                self.register_buffer(f"{name}{i}", t)
+            self.args.append((rows, inp, out, y_zp, y_min, y_max))
+
+    def forward(self, x):
+        qd = torch.ops.quantized_decomposed
+        h = qd.quantize_per_tensor(x, 0.5, 3, -128, 127, torch.int8)
+        for i, args in enumerate(self.args):
+            tensors = [getattr(self, f"{name}{i}") for name in ("values", "col_idx", "row_ptr", "mult", "bias")]
+            h = torch.ops.edgesparse.qs8_bcsr_conv1x1(h, *tensors, *args)
+        return qd.dequantize_per_tensor(h, 0.25, 2, -128, 127, torch.int8)
+
+
+def test_static_int8_conv_op_is_bit_exact_in_every_runtime(tmp_path):
+    """Acceptance (issue 14): the static int8 1x1 conv (int8 in, int8 out) equals the integer
+    reference (the eager op) bit for bit in ExecuTorch Python, the C++ runner at 1 and 2 threads
+    and the aarch64 runner under qemu, on 2 images of 5x7 pixels (not a multiple of 16 or 4)."""
+    import edgesparse.runtime_kernels.static_int8  # noqa: F401  (registers torch.ops.quantized_decomposed)
+    from edgesparse.converters.executorch import lower
+
+    gen = torch.Generator().manual_seed(7)
+    model = _StaticInt8Convs(gen).eval()
+    x = (torch.randint(-120, 120, (2, 24, 5, 7), generator=gen) * 0.5).float()  # on the input grid: quantizing is exact
+    want = model(x)
+    assert want.unique().numel() > 20  # not saturated: the clamps, zero points and scales all matter
+    path = tmp_path / "s8.pte"
+    path.write_bytes(lower(model, (x,)).buffer)
+    runs = _run_everywhere(path, x, want.shape, tmp_path)
     differ = {name: float((got - want).abs().max()) for name, got in runs.items() if not torch.equal(got, want)}
     assert not differ, differ
 

@@ -411,6 +411,53 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   return out;
 }
 
+// Static int8 1x1 convolution on quantized NCHW tensors: x int8 [N, in, H, W] -> out int8
+// [N, out, H, W] (es_qs8_bcsr_conv1x1_nchw: mult float [out], bias int32 [out] with the input's
+// zero point folded in); threads split the row blocks.
+Tensor& qs8_bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& values, const Tensor& col_idx,
+                             const Tensor& row_ptr, const Tensor& mult, const std::optional<Tensor>& bias,
+                             int64_t block_rows, int64_t in_features, int64_t out_features, int64_t y_zp, int64_t y_min,
+                             int64_t y_max, Tensor& out) {
+  const char* op = "qs8_bcsr_conv1x1";
+  if (!check_weights(ctx, op, values, col_idx, row_ptr, std::nullopt, block_rows, 1, in_features, out_features,
+                     ScalarType::Char))
+    return out;
+  if (x.scalar_type() != ScalarType::Char || x.dim() != 4 || x.size(1) != in_features) {
+    fail(ctx, op, "input must be int8 NCHW with in_features channels (a quantized tensor: the op takes no float input)");
+    return out;
+  }
+  if (mult.scalar_type() != ScalarType::Float || mult.numel() != out_features ||
+      (bias.has_value() && (bias->scalar_type() != ScalarType::Int || bias->numel() != out_features))) {
+    fail(ctx, op, "mult must be float [out_features] and bias int32 [out_features]");
+    return out;
+  }
+  if (y_min < -128 || y_max > 127 || y_zp < y_min || y_zp > y_max) {
+    fail(ctx, op, "the output zero point and range must be int8 values with y_min <= y_zp <= y_max");
+    return out;
+  }
+  if (const char* why = es_qs8_bcsr_check(out_features, in_features, block_rows, row_ptr.const_data_ptr<int32_t>(),
+                                          row_ptr.numel(), col_idx.numel(), values.numel())) {
+    fail(ctx, op, why);
+    return out;
+  }
+  if (!resize_nchw(ctx, x, out_features, out)) return out;
+  const es_bcsr_qs8 w{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
+                      static_cast<size_t>(block_rows), values.const_data_ptr<int8_t>(),
+                      col_idx.const_data_ptr<int32_t>(), row_ptr.const_data_ptr<int32_t>(), nullptr, nullptr};
+  const es_qs8_requant q{static_cast<int32_t>(y_zp), static_cast<int32_t>(y_min), static_cast<int32_t>(y_max),
+                         mult.const_data_ptr<float>(),
+                         bias.has_value() ? bias->const_data_ptr<int32_t>() : nullptr};
+  const size_t pixels = static_cast<size_t>(x.size(2) * x.size(3));
+  const int64_t blocks = static_cast<int64_t>((w.out + w.block_rows - 1) / w.block_rows);
+  for (ssize_t n = 0; n < x.size(0); n++) {
+    const int8_t* xp = x.const_data_ptr<int8_t>() + n * in_features * pixels;
+    int8_t* yp = out.mutable_data_ptr<int8_t>() + n * out_features * pixels;
+    for_row_blocks(blocks, w.row_ptr, static_cast<int64_t>(w.block_rows * pixels),
+                   [&](size_t b0, size_t b1) { es_qs8_bcsr_conv1x1_nchw(&w, &q, pixels, xp, yp, b0, b1); });
+  }
+  return out;
+}
+
 // ---- activation sparsity on int8 weights (src/qs8-actsparse) ----
 
 // x [..., in] float; weight_t int8 [in, out]; scales float [out]; dynamic 1 quantizes x per row.
@@ -512,5 +559,6 @@ EXECUTORCH_LIBRARY(edgesparse, "nm_conv1x1.out", nm_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_gated_mlp.out", actsparse_gated_mlp_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_bcsr_linear.out", qs8_bcsr_linear_out);
+EXECUTORCH_LIBRARY(edgesparse, "qs8_bcsr_conv1x1.out", qs8_bcsr_conv1x1_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_actsparse_linear.out", qs8_actsparse_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_actsparse_gated_mlp.out", qs8_actsparse_gated_mlp_out);

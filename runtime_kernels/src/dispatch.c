@@ -26,6 +26,8 @@ typedef void (*es_dwconv_fn)(const es_dwconv3x3_f32*, size_t, size_t, const floa
 
 typedef void (*es_qs8_fn)(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t);
 
+typedef void (*es_qs8_conv_fn)(const es_bcsr_qs8*, const es_qs8_requant*, size_t, const int8_t*, int8_t*, size_t, size_t);
+
 #define ES_DECLARE(isa)                                                                                \
   void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
   void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
@@ -37,6 +39,8 @@ typedef void (*es_qs8_fn)(const es_bcsr_qs8*, size_t, const int8_t*, const float
   void es_f32_gated_mlp_hidden__##isa(const es_gated_mlp_f32*, float, size_t, const float*, float*, size_t, size_t); \
   void es_qs8_bcsr_linear__##isa(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t, size_t); \
   void es_qs8_quantize_rows__##isa(size_t, size_t, const float*, int8_t*, float*);                             \
+  void es_qs8_bcsr_conv1x1_nchw__##isa(const es_bcsr_qs8*, const es_qs8_requant*, size_t, const int8_t*, int8_t*, size_t, \
+                                       size_t);                                                                 \
   void es_f32_nm_linear__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);                  \
   void es_f32_nm_conv1x1_nchw__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);
 
@@ -47,6 +51,8 @@ ES_DECLARE(avx512)
 void es_qs8_bcsr_linear__avx512vnni(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t,
                                     size_t);
 void es_qs8_quantize_rows__avx512vnni(size_t, size_t, const float*, int8_t*, float*);
+void es_qs8_bcsr_conv1x1_nchw__avx512vnni(const es_bcsr_qs8*, const es_qs8_requant*, size_t, const int8_t*, int8_t*,
+                                          size_t, size_t);
 void es_qs8_make_tiles__avx512vnni(size_t, size_t, const int8_t*, uint8_t*);
 void es_qs8_bcsr_linear_tiles__avx512vnni(const es_bcsr_qs8*, size_t, const uint8_t*, const float*, float*, int32_t*,
                                           size_t, size_t);
@@ -55,6 +61,8 @@ ES_DECLARE(neon)
 void es_qs8_bcsr_linear__neondot(const es_bcsr_qs8*, size_t, const int8_t*, const float*, float*, int32_t*, size_t,
                                  size_t);
 void es_qs8_quantize_rows__neondot(size_t, size_t, const float*, int8_t*, float*);
+void es_qs8_bcsr_conv1x1_nchw__neondot(const es_bcsr_qs8*, const es_qs8_requant*, size_t, const int8_t*, int8_t*, size_t,
+                                       size_t);
 #endif
 
 static int es_supported(const char* isa) {
@@ -65,7 +73,7 @@ static int es_supported(const char* isa) {
   if (!strcmp(isa, "avx512")) return __builtin_cpu_supports("avx512f");
   if (!strcmp(isa, "avx512vnni"))
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512vnni");
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 #elif defined(__aarch64__)
   if (!strcmp(isa, "neon")) return (getauxval(AT_HWCAP) & HWCAP_ASIMD) != 0;
   if (!strcmp(isa, "neondot")) return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
@@ -85,13 +93,14 @@ static const struct {
   es_fused_fn conv1x1_fused;
   es_dwconv_fn dwconv3x3;
   void (*qs8_quantize)(size_t, size_t, const float*, int8_t*, float*);
+  es_qs8_conv_fn qs8_conv1x1;
 } es_table[] = {  /* best first */
 /* a row: its name, the ISA of its f32 kernels and the ISA of its int8 kernels */
 #define ES_ROW(name, f32, qs8)                                                                               \
   {#name, es_f32_bcsr_linear__##f32, es_f32_bcsr_conv1x1_nchw__##f32, es_f32_actsparse_linear__##f32,          \
    es_qs8_bcsr_linear__##qs8, es_f32_nm_linear__##f32, es_f32_nm_conv1x1_nchw__##f32,                           \
    es_f32_gated_mlp_hidden__##f32, es_f32_bcsr_conv1x1_nchw_fused__##f32, es_f32_dwconv3x3_nchw__##f32,         \
-   es_qs8_quantize_rows__##qs8}
+   es_qs8_quantize_rows__##qs8, es_qs8_bcsr_conv1x1_nchw__##qs8}
 #if defined(__x86_64__)
     ES_ROW(avx512vnni, avx512, avx512vnni),
     ES_ROW(avx512, avx512, avx512),
@@ -268,6 +277,11 @@ void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq,
   }
 #endif
   es_table[es_select()].qs8_linear(w, n, xq, x_scale, y, acc, b0, b1);
+}
+
+void es_qs8_bcsr_conv1x1_nchw(const es_bcsr_qs8* w, const es_qs8_requant* q, size_t pixels, const int8_t* x, int8_t* y,
+                              size_t b0, size_t b1) {
+  es_table[es_select()].qs8_conv1x1(w, q, pixels, x, y, b0, b1);
 }
 
 int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y) {

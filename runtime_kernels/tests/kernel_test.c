@@ -114,6 +114,37 @@ static void actsparse_tests(int* passed, int* failed) {
 
 /* int8 BCSR: int32 accumulators bit-exact against an integer reference (extreme values -128/127
  * included), and the dequantized output against the same sums in double. */
+/* random int8 BCSR Rx1 weights (extremes first) in the kernels' layout: each row block's blocks
+ * padded to a multiple of 4 (zero weights, the row block's last column), row r's four weights of a
+ * group together; p and values keep the unpadded blocks for the references */
+typedef struct { packed p; int8_t* values; int8_t* gvalues; int32_t* gcol; int32_t* gptr; } qs8_weights;
+
+static qs8_weights make_qs8(size_t out, size_t in, size_t R, double density, int mode) {
+  qs8_weights q;
+  q.p = make_weights(out, in, R, density, mode);
+  size_t blocks = (out + R - 1) / R, nnz = (size_t)q.p.ptr[blocks];
+  q.values = malloc(nnz * R + 1);
+  for (size_t i = 0; i < nnz * R; i++) q.values[i] = i == 0 ? -128 : i == 1 ? 127 : (int8_t)lrintf(q.p.values[i] * 127.0f);
+  q.gvalues = calloc(nnz * R + 4 * R * blocks + 1, 1);
+  q.gcol = malloc((nnz + 4 * blocks + 1) * sizeof(int32_t));
+  q.gptr = malloc((blocks + 1) * sizeof(int32_t));
+  q.gptr[0] = 0;
+  for (size_t b = 0; b < blocks; b++) {
+    size_t count = (size_t)(q.p.ptr[b + 1] - q.p.ptr[b]), padded = (count + 3) / 4 * 4, start = (size_t)q.gptr[b];
+    for (size_t i = 0; i < padded; i++) {
+      size_t src = (size_t)q.p.ptr[b] + (i < count ? i : count - 1), k = start + i / 4 * 4, j = i % 4;
+      q.gcol[start + i] = q.p.col[src];
+      for (size_t r = 0; r < R; r++) q.gvalues[k * R + r * 4 + j] = i < count ? q.values[src * R + r] : 0;
+    }
+    q.gptr[b + 1] = (int32_t)(start + padded);
+  }
+  return q;
+}
+
+static void free_qs8(qs8_weights q) {
+  free(q.p.values); free(q.p.col); free(q.p.ptr); free(q.p.dense); free(q.values); free(q.gvalues); free(q.gcol); free(q.gptr);
+}
+
 static void qs8_tests(int* passed, int* failed) {
   const size_t shapes[][3] = {{64, 48, 1}, {67, 45, 1}, {1, 1, 1}, {9, 130, 3}, {256, 256, 16}, {33, 17, 5}, {20, 1031, 7}, {40, 96, 37}, {24, 64, 8}, {30, 70, 17}};
   const size_t block_rows[] = {1, 2, 4, 8};
@@ -122,26 +153,11 @@ static void qs8_tests(int* passed, int* failed) {
     for (size_t ri = 0; ri < 4; ri++)
       for (size_t di = 0; di < 4; di++) {
         size_t out = shapes[s][0], in = shapes[s][1], n = shapes[s][2], R = block_rows[ri];
-        packed p = make_weights(out, in, R, densities[di], (int)(di % 2));
-        size_t blocks = (out + R - 1) / R, nnz = (size_t)p.ptr[blocks];
-        int8_t* values = malloc(nnz * R + 1);
-        for (size_t i = 0; i < nnz * R; i++) /* extremes first, then the float values scaled */
-          values[i] = i == 0 ? -128 : i == 1 ? 127 : (int8_t)lrintf(p.values[i] * 127.0f);
-        /* the kernels' layout: each row block's blocks padded to a multiple of 4 (zero weights,
-         * the row block's last column), row r's four weights of a group together */
-        int8_t* gvalues = calloc(nnz * R + 4 * R * blocks + 1, 1);
-        int32_t* gcol = malloc((nnz + 4 * blocks + 1) * sizeof(int32_t));
-        int32_t* gptr = malloc((blocks + 1) * sizeof(int32_t));
-        gptr[0] = 0;
-        for (size_t b = 0; b < blocks; b++) {
-          size_t count = (size_t)(p.ptr[b + 1] - p.ptr[b]), padded = (count + 3) / 4 * 4, start = (size_t)gptr[b];
-          for (size_t i = 0; i < padded; i++) {
-            size_t src = (size_t)p.ptr[b] + (i < count ? i : count - 1), k = start + i / 4 * 4, j = i % 4;
-            gcol[start + i] = p.col[src];
-            for (size_t r = 0; r < R; r++) gvalues[k * R + r * 4 + j] = i < count ? values[src * R + r] : 0;
-          }
-          gptr[b + 1] = (int32_t)(start + padded);
-        }
+        qs8_weights qw = make_qs8(out, in, R, densities[di], (int)(di % 2));
+        packed p = qw.p;
+        size_t blocks = (out + R - 1) / R;
+        int8_t* values = qw.values, * gvalues = qw.gvalues;
+        int32_t* gcol = qw.gcol, * gptr = qw.gptr;
         int8_t* xq = malloc(n * in + 1);
         float* xs = malloc(n * sizeof(float));
         for (size_t i = 0; i < n * in; i++) xq[i] = i == 0 ? -127 : i == 1 ? 127 : (int8_t)lrintf(frand() * 127.0f);
@@ -198,9 +214,64 @@ static void qs8_tests(int* passed, int* failed) {
           }
         }
         es_force_isa(NULL);
-        free(p.values); free(p.col); free(p.ptr); free(p.dense); free(values); free(gvalues); free(gcol); free(gptr);
+        free_qs8(qw);
         free(xq); free(xs);
         free(scales); free(bias); free(want); free(want_y); free(acc); free(y);
+      }
+}
+
+/* static int8 1x1 conv (NCHW, quantized in and out): every ISA equals the integer reference byte
+ * for byte, over output zero points, fused clamps (ReLU-like y_min = y_zp), biases or none, pixel counts
+ * that are not a multiple of 16 or 4, and two pieces of row blocks. */
+static void qs8_conv_tests(int* passed, int* failed) {
+  const size_t shapes[][3] = {{24, 16, 49}, {33, 17, 5}, {64, 96, 196}, {8, 40, 1}, {20, 1031, 17}, {96, 24, 3136}};
+  const size_t block_rows[] = {1, 2, 4, 8};
+  for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
+    for (size_t ri = 0; ri < 4; ri++)
+      for (size_t variant = 0; variant < 2; variant++) {
+        size_t out = shapes[s][0], in = shapes[s][1], P = shapes[s][2], R = block_rows[ri];
+        qs8_weights qw = make_qs8(out, in, R, variant ? 0.3 : 0.1, (int)variant);
+        size_t blocks = (out + R - 1) / R;
+        int8_t* x = malloc(in * P + 1);
+        for (size_t i = 0; i < in * P; i++) x[i] = i == 0 ? -128 : i == 1 ? 127 : (int8_t)lrintf(frand() * 127.0f);
+        float* mult = malloc(out * sizeof(float));
+        int32_t* bias = malloc(out * sizeof(int32_t));
+        for (size_t o = 0; o < out; o++) {
+          mult[o] = 0.004f * (1.0f + frand() * 0.5f);
+          bias[o] = (int32_t)lrintf(frand() * 3000.0f);
+        }
+        es_qs8_requant q = {variant ? -20 : 5, variant ? -20 : -128, variant ? 100 : 127, mult, variant ? bias : NULL};
+        int8_t* want = malloc(out * P + 1);
+        for (size_t b = 0; b < blocks; b++)
+          for (size_t r = 0; r < R && b * R + r < out; r++)
+            for (size_t p = 0; p < P; p++) {
+              int64_t acc = q.bias ? q.bias[b * R + r] : 0;
+              for (int32_t k = qw.p.ptr[b]; k < qw.p.ptr[b + 1]; k++)
+                acc += (int64_t)qw.values[(size_t)k * R + r] * x[(size_t)qw.p.col[k] * P + p];
+              double v = (double)((float)acc * mult[b * R + r]);
+              v = nearbyint(v) + q.y_zp;
+              want[(b * R + r) * P + p] = (int8_t)(v < q.y_min ? q.y_min : v > q.y_max ? q.y_max : v);
+            }
+        int8_t* y = malloc(out * P + 1);
+        es_bcsr_qs8 w = {out, in, R, qw.gvalues, qw.gcol, qw.gptr, NULL, NULL};
+        for (size_t isa = 0; isa < NISAS; isa++) {
+          if (es_force_isa(ISAS[isa]) != 0) continue;
+          memset(y, 0x5a, out * P);
+          es_qs8_bcsr_conv1x1_nchw(&w, &q, P, x, y, blocks / 3, blocks);
+          es_qs8_bcsr_conv1x1_nchw(&w, &q, P, x, y, 0, blocks / 3);
+          size_t bad = 0;
+          while (bad < out * P && y[bad] == want[bad]) bad++;
+          if (bad < out * P) {
+            printf("FAIL %s qs8 conv1x1 out=%zu in=%zu pixels=%zu R=%zu: element %zu got %d want %d\n", ISAS[isa], out, in,
+                   P, R, bad, y[bad], want[bad]);
+            (*failed)++;
+          } else {
+            (*passed)++;
+          }
+        }
+        es_force_isa(NULL);
+        free_qs8(qw);
+        free(x); free(mult); free(bias); free(want); free(y);
       }
 }
 
@@ -662,6 +733,7 @@ int main(void) {
   actsparse_tests(&passed, &failed);
   gated_tests(&passed, &failed);
   qs8_tests(&passed, &failed);
+  qs8_conv_tests(&passed, &failed);
   qs8_actsparse_tests(&passed, &failed);
   printf("dispatch picks: %s\n", es_f32_bcsr_isa());
   printf("%d passed, %d failed\n", passed, failed);

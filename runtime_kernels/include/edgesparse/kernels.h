@@ -194,6 +194,30 @@ void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq,
 /* quantize x [n, in] and run every row block; returns -1 if out of memory */
 int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y);
 
+/* Static int8 1x1 conv on quantized NCHW tensors (XNNPACK's QS8 convolution semantics): one image,
+ * x int8 [in, pixels], y int8 [out, pixels], weights as es_bcsr_qs8 (scales and bias unused):
+ *   acc[o, p] = sum_c weight[o, c] * x[c, p] + bias[o]                          (int32)
+ *   y[o, p]   = clamp(nearbyint((float)acc * mult[o]) + y_zp, y_min, y_max)
+ * The input's zero point is folded into the bias (bias = int32 bias - x_zp * sum_c weight[o, c]);
+ * mult[o] = x_scale * weight_scale[o] / y_scale (fp32); a fused ReLU / ReLU6 is the clamp.
+ * AVX-512 VNNI puts 16 pixels in the vector lanes (an NCHW row is already pixel-major: no
+ * transpose); the other ISAs take 4 pixels at a time. Row blocks [b0, b1). */
+typedef struct {
+  int32_t y_zp, y_min, y_max;
+  const float* mult;    /* [out] */
+  const int32_t* bias;  /* [out] or NULL */
+} es_qs8_requant;
+void es_qs8_bcsr_conv1x1_nchw(const es_bcsr_qs8* w, const es_qs8_requant* q, size_t pixels, const int8_t* x, int8_t* y,
+                              size_t b0, size_t b1);
+/* one output: the clamp first (its bounds are integers, so the order does not matter, and a huge
+ * acc cannot overflow the conversion), then round half to even, as XNNPACK's fp32 requantization */
+static inline int8_t es_qs8_requantize(int32_t acc, float mult, const es_qs8_requant* q) {
+  float v = (float)acc * mult;
+  const float lo = (float)(q->y_min - q->y_zp), hi = (float)(q->y_max - q->y_zp);
+  v = v < lo ? lo : (v > hi ? hi : v);
+  return (int8_t)((int32_t)__builtin_nearbyintf(v) + q->y_zp);
+}
+
 /* Activation sparsity on int8 weights (family qs8-actsparse): the layouts above with int8 values
  * and per-output-channel fp32 scales (symmetric: weight = q * scale), so a skipped input row
  * saves a quarter of the fp32 bytes. Two flavours of the linear, both skipping the rows of inputs

@@ -1,5 +1,6 @@
-/* int8 BCSR Rx1 linear reference (blocks in groups of four, see kernels.h): plain loops over int32
- * accumulators, and the per-row dynamic activation quantizer every variant shares. */
+/* int8 BCSR Rx1 linear and static int8 1x1 conv references (blocks in groups of four, see
+ * kernels.h): plain loops over int32 accumulators, and the per-row dynamic activation quantizer
+ * every variant shares. */
 #include <math.h>
 #include <stdlib.h>
 
@@ -40,4 +41,23 @@ void es_qs8_quantize_rows__scalar(size_t n, size_t in, const float* x, int8_t* x
     }
     x_scale[row] = scale;
   }
+}
+
+void es_qs8_bcsr_conv1x1_nchw__scalar(const es_bcsr_qs8* w, const es_qs8_requant* q, size_t pixels, const int8_t* x,
+                                      int8_t* y, size_t b0, size_t b1) {
+  const size_t R = w->block_rows;
+  int32_t acc[8];
+  for (size_t b = b0; b < b1; b++)
+    for (size_t p = 0; p < pixels; p++) {
+      for (size_t r = 0; r < R; r++) acc[r] = 0;
+      for (int32_t k = w->row_ptr[b]; k < w->row_ptr[b + 1]; k += 4)
+        for (size_t j = 0; j < 4; j++) {
+          const int32_t xv = x[(size_t)w->col_idx[k + j] * pixels + p];
+          for (size_t r = 0; r < R; r++) acc[r] += (int32_t)w->values[(size_t)k * R + r * 4 + j] * xv;
+        }
+      for (size_t r = 0; r < R && b * R + r < w->out; r++) {
+        const size_t o = b * R + r;
+        y[o * pixels + p] = es_qs8_requantize(acc[r] + (q->bias ? q->bias[o] : 0), q->mult[o], q);
+      }
+    }
 }
