@@ -108,10 +108,13 @@ def export_model(
         from edgesparse.runtime_kernels.static_int8 import swap_static_int8_convs
 
         reference = copy.deepcopy(export_model_)
-        swapped = swap_static_int8_convs(export_model_, result.layers)
+        counts = swap_static_int8_convs(export_model_, result.layers)
+        swapped = counts["conv1x1"]
         if swapped:
             result.quant["sparse_layers"] = (f"{swapped} pruned 1x1 convs on edgesparse::qs8_bcsr_conv1x1: int8 in and out "
                                              "(no dequantize/quantize around them), weights in Rx1 blocks")
+            result.quant["chain_layers"] = (f"{counts['dwconv3x3']} depthwise 3x3 convs and {counts['add']} adds between them "
+                                            "on edgesparse::qs8_dwconv3x3 / qs8_add (NCHW int8, no XNNPACK partition)")
     if not int8_sparse:
         swapped += swap_sparse_layers(export_model_, result.layers, bundle.example_inputs, quantized=recipe.quant.mode != "none")
     if act_record is not None:  # `pruned` keeps the thresholded torch layers; the export model gets the ops

@@ -110,6 +110,11 @@ _define("qs8_bcsr_linear", "Tensor x, Tensor values, Tensor col_idx, Tensor row_
         "int block_rows, int in_features, int out_features", _qs8_linear, lambda x, *a: a[-1])
 
 
+def _requantize(v, y_zp, y_min, y_max):
+    """es_qs8_store: fp32 values -> int8 (clamp, round half to even, + zero point)."""
+    return (torch.round(v.clamp(y_min - y_zp, y_max - y_zp)) + y_zp).to(torch.int8)
+
+
 # Static int8 1x1 conv on quantized NCHW tensors (es_qs8_bcsr_conv1x1_nchw, XNNPACK's QS8 conv
 # semantics): x int8, int8 BCSR Rx1 weights, bias int32 [out] (the input's zero point folded in:
 # int32 bias - x_zp * row sums), mult [out] = x_scale * weight_scale / y_scale (fp32); the output
@@ -120,13 +125,33 @@ def _qs8_conv(x, values, col_idx, row_ptr, mult, bias, block_rows, in_features, 
     acc = torch.einsum("oc,nchw->nohw", w_int, x.double())
     if bias is not None:
         acc = acc + bias.double()[None, :, None, None]
-    v = (acc.float() * mult[None, :, None, None]).clamp(y_min - y_zp, y_max - y_zp)
-    return (torch.round(v) + y_zp).to(torch.int8)
+    return _requantize(acc.float() * mult[None, :, None, None], y_zp, y_min, y_max)
 
 
 _define("qs8_bcsr_conv1x1", "Tensor x, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor mult, Tensor? bias, "
         "int block_rows, int in_features, int out_features, int y_zp, int y_min, int y_max", _qs8_conv,
         lambda x, *a: a[-4])
+
+
+# The static int8 layers between our 1x1 convs (src/qs8-chain), NCHW, int8 in and out: a depthwise
+# 3x3 (padding 1 with the input zero point, stride 1 or 2; weight int8 [C, 1, 3, 3], mult and int32
+# bias per channel) and an add of two int8 tensors. Eager: the integer reference.
+def _qs8_dwconv(x, weight, mult, bias, stride, x_zp, y_zp, y_min, y_max):
+    acc = F.conv2d(x.double() - x_zp, weight.double(), None if bias is None else bias.double(), stride=stride, padding=1,
+                   groups=x.shape[1])
+    return _requantize(acc.float() * mult[None, :, None, None], y_zp, y_min, y_max)
+
+
+def _qs8_add(a, b, a_mult, b_mult, a_zp, b_zp, y_zp, y_min, y_max):
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731  (the kernels' fp32 multipliers)
+    return _requantize((a.float() - a_zp) * f32(a_mult) + (b.float() - b_zp) * f32(b_mult), y_zp, y_min, y_max)
+
+
+_define("qs8_dwconv3x3", "Tensor x, Tensor weight, Tensor mult, Tensor? bias, int stride, int x_zp, int y_zp, int y_min, "
+        "int y_max", _qs8_dwconv, None,
+        shape=lambda x, w, m, b, stride, *a: (x.shape[0], x.shape[1], (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1))
+_define("qs8_add", "Tensor a, Tensor b, float a_mult, float b_mult, int a_zp, int b_zp, int y_zp, int y_min, int y_max",
+        _qs8_add, None, shape=lambda a, *rest: a.shape)
 
 
 # Activation sparsity on int8 weights (src/qs8-actsparse): weight_t int8 [in, out] with

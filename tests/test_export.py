@@ -125,6 +125,8 @@ def test_static_int8_cnn_runs_its_pruned_1x1_convs_on_int8_tensors(tmp_path):
     kernels = {layer["name"]: layer["kernel"] for layer in record["layers"]}
     assert kernels["expand.0"] == kernels["project.0"] == "edgesparse::qs8_bcsr_conv1x1 (8x1, int8 static)", kernels
     assert record["quantization"]["sparse_layers"].startswith("2 pruned 1x1 convs")
+    # the depthwise conv before them and the residual add after them join them on our int8 ops
+    assert record["quantization"]["chain_layers"].startswith("1 depthwise 3x3 convs and 1 adds")
     artifact = record["artifacts"][0]
     assert artifact["verified"] and artifact["cosine"] >= 0.999, artifact
     plan = deserialize_pte_binary((tmp_path / "model.pte").read_bytes()).program.execution_plan[0]
@@ -132,7 +134,7 @@ def test_static_int8_cnn_runs_its_pruned_1x1_convs_on_int8_tensors(tmp_path):
     assert not [name for name in names if "quantize" in name], names
     calls = [i.instr_args for chain in plan.chains for i in chain.instructions
              if hasattr(i.instr_args, "op_index") and names[i.instr_args.op_index] == "edgesparse::qs8_bcsr_conv1x1"]
-    assert len(calls) == 2
+    assert len(calls) == 2 and "edgesparse::qs8_dwconv3x3" in names and "edgesparse::qs8_add" in names
     for call in calls:  # args: x, the weights..., out (and the returned alias)
         assert plan.values[call.args[0]].val.scalar_type == ScalarType.CHAR
         assert plan.values[call.args[-1]].val.scalar_type == ScalarType.CHAR

@@ -520,16 +520,17 @@ def test_int8_sparse_ops_are_bit_exact_in_every_runtime(tmp_path):
     assert not differ, differ
 
 
-class _StaticInt8Convs(nn.Module):
-    """float x -> quantize -> two static int8 1x1 convs on our op (8x1 blocks with a fused ReLU-like
-    clamp and a bias; unstructured with a partial last block and a ReLU6-like clamp) -> dequantize.
-    Power-of-two scales keep XNNPACK's quantize / dequantize at the ends exact."""
+class _StaticInt8Chain(nn.Module):
+    """float x -> quantize -> our static int8 ops -> dequantize: a 1x1 conv (8x1 blocks, bias,
+    ReLU-like clamp), a depthwise 3x3 (stride 1), their sum, a stride-2 depthwise 3x3 and a 1x1
+    conv (unstructured, partial last block, no bias, ReLU6-like clamp). Power-of-two scales keep
+    XNNPACK's quantize / dequantize at the ends exact."""
 
     def __init__(self, gen):
         from edgesparse.runtime_kernels.formats import group_qs8_bcsr
 
         super().__init__()
-        self.args = []
+        self.convs = []
         for i, (out, inp, rows, y_zp, y_min, y_max) in enumerate(((40, 24, 8, -5, -5, 127), (13, 40, 1, 4, 4, 90))):
             w = (sparse_weight(out, inp, rows, 0.2, gen) * 60).round().clamp(-127, 127).to(torch.int8)
             packed = group_qs8_bcsr(w, rows)
@@ -537,26 +538,35 @@ class _StaticInt8Convs(nn.Module):
                             ("mult", torch.rand(out, generator=gen) * 0.01 + 0.002),
                             ("bias", (torch.randn(out, generator=gen) * 500).to(torch.int32) if i == 0 else None)):
                 self.register_buffer(f"{name}{i}", t)
-            self.args.append((rows, inp, out, y_zp, y_min, y_max))
+            self.convs.append((rows, inp, out, y_zp, y_min, y_max))
+        for i in range(2):
+            self.register_buffer(f"dw{i}", torch.randint(-127, 128, (40, 1, 3, 3), generator=gen, dtype=torch.int8))
+            self.register_buffer(f"dw_mult{i}", torch.rand(40, generator=gen) * 0.004 + 0.001)
+            self.register_buffer(f"dw_bias{i}", (torch.randn(40, generator=gen) * 300).to(torch.int32))
+
+    def conv(self, h, i):
+        tensors = [getattr(self, f"{name}{i}") for name in ("values", "col_idx", "row_ptr", "mult", "bias")]
+        return torch.ops.edgesparse.qs8_bcsr_conv1x1(h, *tensors, *self.convs[i])
 
     def forward(self, x):
-        qd = torch.ops.quantized_decomposed
-        h = qd.quantize_per_tensor(x, 0.5, 3, -128, 127, torch.int8)
-        for i, args in enumerate(self.args):
-            tensors = [getattr(self, f"{name}{i}") for name in ("values", "col_idx", "row_ptr", "mult", "bias")]
-            h = torch.ops.edgesparse.qs8_bcsr_conv1x1(h, *tensors, *args)
-        return qd.dequantize_per_tensor(h, 0.25, 2, -128, 127, torch.int8)
+        qd, es = torch.ops.quantized_decomposed, torch.ops.edgesparse
+        h = self.conv(qd.quantize_per_tensor(x, 0.5, 3, -128, 127, torch.int8), 0)
+        d = es.qs8_dwconv3x3(h, self.dw0, self.dw_mult0, self.dw_bias0, 1, -5, 2, -128, 127)
+        h = es.qs8_add(h, d, 0.75, 1.25, -5, 2, -1, -100, 127)
+        h = es.qs8_dwconv3x3(h, self.dw1, self.dw_mult1, None, 2, -1, 0, 0, 127)
+        return qd.dequantize_per_tensor(self.conv(h, 1), 0.25, 2, -128, 127, torch.int8)
 
 
-def test_static_int8_conv_op_is_bit_exact_in_every_runtime(tmp_path):
-    """Acceptance (issue 14): the static int8 1x1 conv (int8 in, int8 out) equals the integer
-    reference (the eager op) bit for bit in ExecuTorch Python, the C++ runner at 1 and 2 threads
-    and the aarch64 runner under qemu, on 2 images of 5x7 pixels (not a multiple of 16 or 4)."""
+def test_static_int8_ops_are_bit_exact_in_every_runtime(tmp_path):
+    """Acceptance (issue 14): the static int8 ops (1x1 conv, depthwise 3x3 at strides 1 and 2, add:
+    int8 in, int8 out) equal the integer reference (the eager ops) bit for bit in ExecuTorch Python,
+    the C++ runner at 1 and 2 threads and the aarch64 runner under qemu, on 2 images of 5x7 pixels
+    (not a multiple of 16 or 4)."""
     import edgesparse.runtime_kernels.static_int8  # noqa: F401  (registers torch.ops.quantized_decomposed)
     from edgesparse.converters.executorch import lower
 
     gen = torch.Generator().manual_seed(7)
-    model = _StaticInt8Convs(gen).eval()
+    model = _StaticInt8Chain(gen).eval()
     x = (torch.randint(-120, 120, (2, 24, 5, 7), generator=gen) * 0.5).float()  # on the input grid: quantizing is exact
     want = model(x)
     assert want.unique().numel() > 20  # not saturated: the clamps, zero points and scales all matter

@@ -411,6 +411,12 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   return out;
 }
 
+// the output range of a static int8 op: int8 values with y_min <= y_zp <= y_max
+bool check_out_range(KernelRuntimeContext& ctx, const char* op, int64_t y_zp, int64_t y_min, int64_t y_max) {
+  return (y_min >= -128 && y_max <= 127 && y_zp >= y_min && y_zp <= y_max) ||
+         fail(ctx, op, "the output zero point and range must be int8 values with y_min <= y_zp <= y_max");
+}
+
 // Static int8 1x1 convolution on quantized NCHW tensors: x int8 [N, in, H, W] -> out int8
 // [N, out, H, W] (es_qs8_bcsr_conv1x1_nchw: mult float [out], bias int32 [out] with the input's
 // zero point folded in); threads split the row blocks.
@@ -431,10 +437,7 @@ Tensor& qs8_bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const T
     fail(ctx, op, "mult must be float [out_features] and bias int32 [out_features]");
     return out;
   }
-  if (y_min < -128 || y_max > 127 || y_zp < y_min || y_zp > y_max) {
-    fail(ctx, op, "the output zero point and range must be int8 values with y_min <= y_zp <= y_max");
-    return out;
-  }
+  if (!check_out_range(ctx, op, y_zp, y_min, y_max)) return out;
   if (const char* why = es_qs8_bcsr_check(out_features, in_features, block_rows, row_ptr.const_data_ptr<int32_t>(),
                                           row_ptr.numel(), col_idx.numel(), values.numel())) {
     fail(ctx, op, why);
@@ -455,6 +458,81 @@ Tensor& qs8_bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const T
     for_row_blocks(blocks, w.row_ptr, static_cast<int64_t>(w.block_rows * pixels),
                    [&](size_t b0, size_t b1) { es_qs8_bcsr_conv1x1_nchw(&w, &q, pixels, xp, yp, b0, b1); });
   }
+  return out;
+}
+
+// Static int8 depthwise 3x3 (padding 1 with the input zero point, stride 1 or 2), NCHW: x int8
+// [N, C, H, W], weight int8 [C, 1, 3, 3], mult float [C], bias int32 [C]; threads split the channels.
+Tensor& qs8_dwconv3x3_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, const Tensor& mult,
+                          const std::optional<Tensor>& bias, int64_t stride, int64_t x_zp, int64_t y_zp, int64_t y_min,
+                          int64_t y_max, Tensor& out) {
+  const char* op = "qs8_dwconv3x3";
+  const bool ok = x.scalar_type() == ScalarType::Char && weight.scalar_type() == ScalarType::Char && x.dim() == 4 &&
+                  weight.numel() == 9 * x.size(1) && mult.scalar_type() == ScalarType::Float &&
+                  mult.numel() == x.size(1) &&
+                  (!bias.has_value() || (bias->scalar_type() == ScalarType::Int && bias->numel() == x.size(1))) &&
+                  (stride == 1 || stride == 2) && x.size(2) > 0 && x.size(3) > 0 && x_zp >= -128 && x_zp <= 127;
+  if (!ok) {
+    fail(ctx, op, "int8 x [N, C, H, W], int8 weight [C, 1, 3, 3], float mult [C], int32 bias [C], stride 1 or 2 expected");
+    return out;
+  }
+  if (!check_out_range(ctx, op, y_zp, y_min, y_max)) return out;
+  const size_t h = static_cast<size_t>(x.size(2)), wd = static_cast<size_t>(x.size(3)), s = static_cast<size_t>(stride);
+  const size_t oh = es_dwconv3x3_out_size(h, s), ow = es_dwconv3x3_out_size(wd, s);
+  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(x.size(1)),
+                        static_cast<SizesType>(oh), static_cast<SizesType>(ow)};
+  if (executorch::runtime::resize_tensor(out, {sizes, 4}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const size_t channels = static_cast<size_t>(x.size(1));
+  const es_dwconv3x3_qs8 w{channels, s, weight.const_data_ptr<int8_t>(), static_cast<int32_t>(x_zp)};
+  const es_qs8_requant q{static_cast<int32_t>(y_zp), static_cast<int32_t>(y_min), static_cast<int32_t>(y_max),
+                         mult.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<int32_t>() : nullptr};
+  const size_t scratch_ints = es_qs8_dwconv3x3_scratch(h, wd, s);
+  for (ssize_t n = 0; n < x.size(0); n++) {
+    const int8_t* xp = x.const_data_ptr<int8_t>() + n * channels * h * wd;
+    int8_t* yp = out.mutable_data_ptr<int8_t>() + n * channels * oh * ow;
+    for_uniform(static_cast<int64_t>(channels), static_cast<int64_t>(9 * oh * ow * channels), [&](size_t c0, size_t c1) {
+      thread_local std::vector<int32_t> scratch;  // this pool thread's own; grows to the largest plane seen
+      if (scratch.size() < scratch_ints) scratch.resize(scratch_ints);
+      es_qs8_dwconv3x3_nchw_channels(&w, &q, h, wd, xp, yp, scratch.data(), c0, c1);
+    });
+  }
+  return out;
+}
+
+// Static int8 add of two int8 tensors of one shape (es_qs8_add); threads split the elements.
+Tensor& qs8_add_out(KernelRuntimeContext& ctx, const Tensor& a, const Tensor& b, double a_mult, double b_mult,
+                    int64_t a_zp, int64_t b_zp, int64_t y_zp, int64_t y_min, int64_t y_max, Tensor& out) {
+  const char* op = "qs8_add";
+  if (a.scalar_type() != ScalarType::Char || b.scalar_type() != ScalarType::Char || a.numel() != b.numel() ||
+      a.dim() != b.dim() || a_zp < -128 || a_zp > 127 || b_zp < -128 || b_zp > 127) {
+    fail(ctx, op, "two int8 tensors of one shape with int8 zero points expected");
+    return out;
+  }
+  for (ssize_t d = 0; d < a.dim(); d++)
+    if (a.size(d) != b.size(d)) {
+      fail(ctx, op, "two int8 tensors of one shape expected (no broadcasting)");
+      return out;
+    }
+  if (!check_out_range(ctx, op, y_zp, y_min, y_max)) return out;
+  if (executorch::runtime::resize_tensor(out, a.sizes()) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return out;
+  }
+  const es_qs8_add_params p{static_cast<int32_t>(a_zp), static_cast<int32_t>(b_zp), static_cast<float>(a_mult),
+                            static_cast<float>(b_mult),
+                            {static_cast<int32_t>(y_zp), static_cast<int32_t>(y_min), static_cast<int32_t>(y_max), nullptr,
+                             nullptr}};
+  const int8_t* ap = a.const_data_ptr<int8_t>();
+  const int8_t* bp = b.const_data_ptr<int8_t>();
+  int8_t* yp = out.mutable_data_ptr<int8_t>();
+  const int64_t chunks = (a.numel() + 4095) / 4096, n = a.numel();
+  for_uniform(chunks, n, [&](size_t c0, size_t c1) {
+    const size_t i0 = c0 * 4096, i1 = std::min<size_t>(static_cast<size_t>(n), c1 * 4096);
+    es_qs8_add(&p, i1 - i0, ap + i0, bp + i0, yp + i0);
+  });
   return out;
 }
 
@@ -560,5 +638,7 @@ EXECUTORCH_LIBRARY(edgesparse, "actsparse_linear.out", actsparse_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "actsparse_gated_mlp.out", actsparse_gated_mlp_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_bcsr_linear.out", qs8_bcsr_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_bcsr_conv1x1.out", qs8_bcsr_conv1x1_out);
+EXECUTORCH_LIBRARY(edgesparse, "qs8_dwconv3x3.out", qs8_dwconv3x3_out);
+EXECUTORCH_LIBRARY(edgesparse, "qs8_add.out", qs8_add_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_actsparse_linear.out", qs8_actsparse_linear_out);
 EXECUTORCH_LIBRARY(edgesparse, "qs8_actsparse_gated_mlp.out", qs8_actsparse_gated_mlp_out);

@@ -28,6 +28,10 @@ typedef void (*es_qs8_fn)(const es_bcsr_qs8*, size_t, const int8_t*, const float
 
 typedef void (*es_qs8_conv_fn)(const es_bcsr_qs8*, const es_qs8_requant*, size_t, const int8_t*, int8_t*, size_t, size_t);
 
+typedef void (*es_qs8_dwconv_fn)(const es_dwconv3x3_qs8*, const es_qs8_requant*, size_t, size_t, const int8_t*, int8_t*,
+                                 int32_t*, size_t, size_t);
+typedef void (*es_qs8_add_fn)(const es_qs8_add_params*, size_t, const int8_t*, const int8_t*, int8_t*);
+
 #define ES_DECLARE(isa)                                                                                \
   void es_f32_bcsr_linear__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
   void es_f32_bcsr_conv1x1_nchw__##isa(const es_bcsr_f32*, size_t, const float*, float*, size_t, size_t); \
@@ -42,6 +46,9 @@ typedef void (*es_qs8_conv_fn)(const es_bcsr_qs8*, const es_qs8_requant*, size_t
   void es_qs8_bcsr_conv1x1_nchw__##isa(const es_bcsr_qs8*, const es_qs8_requant*, size_t, const int8_t*, int8_t*, size_t, \
                                        size_t);                                                                 \
   void es_f32_nm_linear__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);                  \
+  void es_qs8_dwconv3x3_nchw_channels__##isa(const es_dwconv3x3_qs8*, const es_qs8_requant*, size_t, size_t,      \
+                                             const int8_t*, int8_t*, int32_t*, size_t, size_t);                 \
+  void es_qs8_add__##isa(const es_qs8_add_params*, size_t, const int8_t*, const int8_t*, int8_t*);               \
   void es_f32_nm_conv1x1_nchw__##isa(const es_nm_f32*, size_t, const float*, float*, size_t, size_t);
 
 ES_DECLARE(scalar)
@@ -70,7 +77,8 @@ static int es_supported(const char* isa) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (!strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (!strcmp(isa, "avx512")) return __builtin_cpu_supports("avx512f");
+  if (!strcmp(isa, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   if (!strcmp(isa, "avx512vnni"))
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
@@ -94,13 +102,16 @@ static const struct {
   es_dwconv_fn dwconv3x3;
   void (*qs8_quantize)(size_t, size_t, const float*, int8_t*, float*);
   es_qs8_conv_fn qs8_conv1x1;
+  es_qs8_dwconv_fn qs8_dwconv3x3;
+  es_qs8_add_fn qs8_add;
 } es_table[] = {  /* best first */
 /* a row: its name, the ISA of its f32 kernels and the ISA of its int8 kernels */
 #define ES_ROW(name, f32, qs8)                                                                               \
   {#name, es_f32_bcsr_linear__##f32, es_f32_bcsr_conv1x1_nchw__##f32, es_f32_actsparse_linear__##f32,          \
    es_qs8_bcsr_linear__##qs8, es_f32_nm_linear__##f32, es_f32_nm_conv1x1_nchw__##f32,                           \
    es_f32_gated_mlp_hidden__##f32, es_f32_bcsr_conv1x1_nchw_fused__##f32, es_f32_dwconv3x3_nchw__##f32,         \
-   es_qs8_quantize_rows__##qs8, es_qs8_bcsr_conv1x1_nchw__##qs8}
+   es_qs8_quantize_rows__##qs8, es_qs8_bcsr_conv1x1_nchw__##qs8, es_qs8_dwconv3x3_nchw_channels__##f32,        \
+   es_qs8_add__##f32}
 #if defined(__x86_64__)
     ES_ROW(avx512vnni, avx512, avx512vnni),
     ES_ROW(avx512, avx512, avx512),
@@ -282,6 +293,26 @@ void es_qs8_bcsr_linear_blocks(const es_bcsr_qs8* w, size_t n, const int8_t* xq,
 void es_qs8_bcsr_conv1x1_nchw(const es_bcsr_qs8* w, const es_qs8_requant* q, size_t pixels, const int8_t* x, int8_t* y,
                               size_t b0, size_t b1) {
   es_table[es_select()].qs8_conv1x1(w, q, pixels, x, y, b0, b1);
+}
+
+/* qs8-chain.inc: the int8 padded plane, its even and odd columns (stride 2), each with 16 bytes of
+ * slack, and the flattened output plane; or, for small output planes, the input pixel-major with
+ * 16 channels per pixel and a pad row (int32) */
+size_t es_qs8_dwconv3x3_scratch(size_t height, size_t width, size_t stride) {
+  const size_t pw = width + 2, half = (pw + 1) / 2, opitch = stride == 1 ? pw : 2 * half;
+  const size_t n = (es_dwconv3x3_out_size(height, stride) - 1) * opitch + es_dwconv3x3_out_size(width, stride);
+  const size_t bytes = (height + 2) * (pw + 2 * half) + 48 + (n + 15) / 16 * 16;
+  const size_t small = (height * width + 1) * 16;
+  return (bytes + 3) / 4 > small ? (bytes + 3) / 4 : small;
+}
+
+void es_qs8_dwconv3x3_nchw_channels(const es_dwconv3x3_qs8* w, const es_qs8_requant* q, size_t height, size_t width,
+                                    const int8_t* x, int8_t* y, int32_t* scratch, size_t c0, size_t c1) {
+  es_table[es_select()].qs8_dwconv3x3(w, q, height, width, x, y, scratch, c0, c1);
+}
+
+void es_qs8_add(const es_qs8_add_params* p, size_t n, const int8_t* a, const int8_t* b, int8_t* y) {
+  es_table[es_select()].qs8_add(p, n, a, b, y);
 }
 
 int es_qs8_bcsr_linear(const es_bcsr_qs8* w, size_t n, const float* x, float* y) {

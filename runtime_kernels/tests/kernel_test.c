@@ -224,7 +224,8 @@ static void qs8_tests(int* passed, int* failed) {
  * for byte, over output zero points, fused clamps (ReLU-like y_min = y_zp), biases or none, pixel counts
  * that are not a multiple of 16 or 4, and two pieces of row blocks. */
 static void qs8_conv_tests(int* passed, int* failed) {
-  const size_t shapes[][3] = {{24, 16, 49}, {33, 17, 5}, {64, 96, 196}, {8, 40, 1}, {20, 1031, 17}, {96, 24, 3136}};
+  const size_t shapes[][3] = {{24, 16, 49}, {33, 17, 5}, {64, 96, 196}, {8, 40, 1}, {20, 1031, 17}, {96, 24, 3136},
+                              {40, 64, 4}, {17, 30, 12}, {48, 20, 7}};
   const size_t block_rows[] = {1, 2, 4, 8};
   for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++)
     for (size_t ri = 0; ri < 4; ri++)
@@ -272,6 +273,78 @@ static void qs8_conv_tests(int* passed, int* failed) {
         es_force_isa(NULL);
         free_qs8(qw);
         free(x); free(mult); free(bias); free(want); free(y);
+      }
+}
+
+/* static int8 depthwise 3x3 and add (qs8-chain): every ISA equals an int64 reference byte for byte
+ * over strides 1 and 2, odd and tiny planes (1x1 to 9x8), zero points, clamps, bias or none, and
+ * two pieces of channels. */
+static void qs8_chain_tests(int* passed, int* failed) {
+  const size_t planes[][2] = {{1, 1}, {2, 2}, {4, 4}, {5, 7}, {7, 6}, {9, 8}, {16, 16}, {6, 40}, {3, 63}};
+  for (size_t pi = 0; pi < sizeof(planes) / sizeof(planes[0]); pi++)
+    for (size_t s = 1; s <= 2; s++)
+      for (size_t variant = 0; variant < 2; variant++) {
+        const size_t C = variant ? 19 : 8, H = planes[pi][0], W = planes[pi][1];
+        const size_t oh = es_dwconv3x3_out_size(H, s), ow = es_dwconv3x3_out_size(W, s);
+        int8_t* x = malloc(C * H * W), * k = malloc(C * 9), * want = malloc(C * oh * ow), * y = malloc(C * oh * ow);
+        float* mult = malloc(C * sizeof(float));
+        int32_t* bias = malloc(C * sizeof(int32_t));
+        for (size_t i = 0; i < C * H * W; i++) x[i] = i == 0 ? -128 : (int8_t)lrintf(frand() * 127.0f);
+        for (size_t i = 0; i < C * 9; i++) k[i] = i == 0 ? -127 : (int8_t)lrintf(frand() * 127.0f);
+        for (size_t c = 0; c < C; c++) { mult[c] = 0.002f * (1.0f + frand() * 0.5f); bias[c] = (int32_t)lrintf(frand() * 2000.0f); }
+        es_dwconv3x3_qs8 w = {C, s, k, variant ? 9 : -4};
+        es_qs8_requant q = {variant ? 3 : -128, variant ? 3 : -128, variant ? 110 : 127, mult, variant ? bias : NULL};
+        for (size_t c = 0; c < C; c++)
+          for (size_t oy = 0; oy < oh; oy++)
+            for (size_t ox = 0; ox < ow; ox++) {
+              int64_t acc = q.bias ? q.bias[c] : 0;
+              for (long ky = -1; ky <= 1; ky++)
+                for (long kx = -1; kx <= 1; kx++) {
+                  long iy = (long)(oy * s) + ky, ix = (long)(ox * s) + kx;
+                  if (iy >= 0 && iy < (long)H && ix >= 0 && ix < (long)W)
+                    acc += (int64_t)k[c * 9 + (ky + 1) * 3 + kx + 1] * (x[(c * H + iy) * W + ix] - w.x_zp);
+                }
+              double v = nearbyint((double)((float)acc * mult[c])) + q.y_zp;
+              want[(c * oh + oy) * ow + ox] = (int8_t)(v < q.y_min ? q.y_min : v > q.y_max ? q.y_max : v);
+            }
+        int32_t* scratch = malloc(es_qs8_dwconv3x3_scratch(H, W, s) * sizeof(int32_t));
+        for (size_t isa = 0; isa < NISAS; isa++) {
+          if (es_force_isa(ISAS[isa]) != 0) continue;
+          memset(y, 0x5a, C * oh * ow);
+          es_qs8_dwconv3x3_nchw_channels(&w, &q, H, W, x, y, scratch, C / 3, C);
+          es_qs8_dwconv3x3_nchw_channels(&w, &q, H, W, x, y, scratch, 0, C / 3);
+          size_t bad = 0;
+          while (bad < C * oh * ow && y[bad] == want[bad]) bad++;
+          if (bad < C * oh * ow) {
+            printf("FAIL %s qs8 dwconv3x3 %zux%zu stride %zu C=%zu: element %zu got %d want %d\n", ISAS[isa], H, W, s, C, bad,
+                   y[bad], want[bad]);
+            (*failed)++;
+          } else {
+            (*passed)++;
+          }
+          /* the add, on the input and its first channels' reversal */
+          const size_t n = C * H * W;
+          es_qs8_add_params ap = {variant ? 5 : -7, variant ? -2 : 11, 0.7f + 0.1f * (float)variant, 1.3f, q};
+          int8_t* b = malloc(n), * sum = malloc(n), * sum_want = malloc(n);
+          for (size_t i = 0; i < n; i++) b[i] = x[n - 1 - i];
+          for (size_t i = 0; i < n; i++) {
+            const float v = (float)(x[i] - ap.a_zp) * ap.a_mult + (float)(b[i] - ap.b_zp) * ap.b_mult;
+            const double r = nearbyint((double)v) + q.y_zp;
+            sum_want[i] = (int8_t)(r < q.y_min ? q.y_min : r > q.y_max ? q.y_max : r);
+          }
+          es_qs8_add(&ap, n, x, b, sum);
+          bad = 0;
+          while (bad < n && sum[bad] == sum_want[bad]) bad++;
+          if (bad < n) {
+            printf("FAIL %s qs8 add n=%zu: element %zu got %d want %d\n", ISAS[isa], n, bad, sum[bad], sum_want[bad]);
+            (*failed)++;
+          } else {
+            (*passed)++;
+          }
+          free(b); free(sum); free(sum_want);
+        }
+        es_force_isa(NULL);
+        free(x); free(k); free(want); free(y); free(mult); free(bias); free(scratch);
       }
 }
 
@@ -734,6 +807,7 @@ int main(void) {
   gated_tests(&passed, &failed);
   qs8_tests(&passed, &failed);
   qs8_conv_tests(&passed, &failed);
+  qs8_chain_tests(&passed, &failed);
   qs8_actsparse_tests(&passed, &failed);
   printf("dispatch picks: %s\n", es_f32_bcsr_isa());
   printf("%d passed, %d failed\n", passed, failed);

@@ -209,14 +209,39 @@ typedef struct {
 } es_qs8_requant;
 void es_qs8_bcsr_conv1x1_nchw(const es_bcsr_qs8* w, const es_qs8_requant* q, size_t pixels, const int8_t* x, int8_t* y,
                               size_t b0, size_t b1);
-/* one output: the clamp first (its bounds are integers, so the order does not matter, and a huge
- * acc cannot overflow the conversion), then round half to even, as XNNPACK's fp32 requantization */
-static inline int8_t es_qs8_requantize(int32_t acc, float mult, const es_qs8_requant* q) {
-  float v = (float)acc * mult;
+/* one output from its fp32 value: the clamp first (its bounds are integers, so the order does not
+ * matter, and a huge value cannot overflow the conversion), then round half to even, as
+ * XNNPACK's fp32 requantization */
+static inline int8_t es_qs8_store(float v, const es_qs8_requant* q) {
   const float lo = (float)(q->y_min - q->y_zp), hi = (float)(q->y_max - q->y_zp);
   v = v < lo ? lo : (v > hi ? hi : v);
   return (int8_t)((int32_t)__builtin_nearbyintf(v) + q->y_zp);
 }
+static inline int8_t es_qs8_requantize(int32_t acc, float mult, const es_qs8_requant* q) {
+  return es_qs8_store((float)acc * mult, q);
+}
+
+/* Static int8 layers between our sparse 1x1 convs (family qs8-chain), NCHW, quantized in and out:
+ * depthwise 3x3 (padding 1 with the input zero point, stride 1 or 2; weights int8 [channels, 9],
+ * q->mult / q->bias per channel, bias not folded: padding makes the zero point's share vary) over
+ * channels [c0, c1), scratch of es_qs8_dwconv3x3_scratch int32 per thread; and the add
+ *   y = clamp(nearbyint((a - a_zp) * a_mult + (b - b_zp) * b_mult) + y_zp, y_min, y_max)
+ * with a_mult = a_scale / y_scale, b_mult = b_scale / y_scale (fp32). */
+typedef struct {
+  size_t channels;
+  size_t stride;          /* 1 or 2 */
+  const int8_t* weights;  /* [channels, 3, 3] */
+  int32_t x_zp;
+} es_dwconv3x3_qs8;
+size_t es_qs8_dwconv3x3_scratch(size_t height, size_t width, size_t stride);
+void es_qs8_dwconv3x3_nchw_channels(const es_dwconv3x3_qs8* w, const es_qs8_requant* q, size_t height, size_t width,
+                                    const int8_t* x, int8_t* y, int32_t* scratch, size_t c0, size_t c1);
+typedef struct {
+  int32_t a_zp, b_zp;
+  float a_mult, b_mult;
+  es_qs8_requant out;     /* y_zp, y_min, y_max (mult and bias unused) */
+} es_qs8_add_params;
+void es_qs8_add(const es_qs8_add_params* p, size_t n, const int8_t* a, const int8_t* b, int8_t* y);
 
 /* Activation sparsity on int8 weights (family qs8-actsparse): the layouts above with int8 values
  * and per-output-channel fp32 scales (symmetric: weight = q * scale), so a skipped input row
