@@ -60,6 +60,9 @@ void es_qs8_bcsr_linear__avx512vnni(const es_bcsr_qs8*, size_t, const int8_t*, c
 void es_qs8_quantize_rows__avx512vnni(size_t, size_t, const float*, int8_t*, float*);
 void es_qs8_bcsr_conv1x1_nchw__avx512vnni(const es_bcsr_qs8*, const es_qs8_requant*, size_t, const int8_t*, int8_t*,
                                           size_t, size_t);
+void es_qs8_dwconv3x3_nchw_channels__avx512vnni(const es_dwconv3x3_qs8*, const es_qs8_requant*, size_t, size_t,
+                                                const int8_t*, int8_t*, int32_t*, size_t, size_t);
+void es_qs8_add__avx512vnni(const es_qs8_add_params*, size_t, const int8_t*, const int8_t*, int8_t*);
 void es_qs8_make_tiles__avx512vnni(size_t, size_t, const int8_t*, uint8_t*);
 void es_qs8_bcsr_linear_tiles__avx512vnni(const es_bcsr_qs8*, size_t, const uint8_t*, const float*, float*, int32_t*,
                                           size_t, size_t);
@@ -70,6 +73,9 @@ void es_qs8_bcsr_linear__neondot(const es_bcsr_qs8*, size_t, const int8_t*, cons
 void es_qs8_quantize_rows__neondot(size_t, size_t, const float*, int8_t*, float*);
 void es_qs8_bcsr_conv1x1_nchw__neondot(const es_bcsr_qs8*, const es_qs8_requant*, size_t, const int8_t*, int8_t*, size_t,
                                        size_t);
+void es_qs8_dwconv3x3_nchw_channels__neondot(const es_dwconv3x3_qs8*, const es_qs8_requant*, size_t, size_t,
+                                             const int8_t*, int8_t*, int32_t*, size_t, size_t);
+void es_qs8_add__neondot(const es_qs8_add_params*, size_t, const int8_t*, const int8_t*, int8_t*);
 #endif
 
 static int es_supported(const char* isa) {
@@ -110,8 +116,8 @@ static const struct {
   {#name, es_f32_bcsr_linear__##f32, es_f32_bcsr_conv1x1_nchw__##f32, es_f32_actsparse_linear__##f32,          \
    es_qs8_bcsr_linear__##qs8, es_f32_nm_linear__##f32, es_f32_nm_conv1x1_nchw__##f32,                           \
    es_f32_gated_mlp_hidden__##f32, es_f32_bcsr_conv1x1_nchw_fused__##f32, es_f32_dwconv3x3_nchw__##f32,         \
-   es_qs8_quantize_rows__##qs8, es_qs8_bcsr_conv1x1_nchw__##qs8, es_qs8_dwconv3x3_nchw_channels__##f32,        \
-   es_qs8_add__##f32}
+   es_qs8_quantize_rows__##qs8, es_qs8_bcsr_conv1x1_nchw__##qs8, es_qs8_dwconv3x3_nchw_channels__##qs8,        \
+   es_qs8_add__##qs8}
 #if defined(__x86_64__)
     ES_ROW(avx512vnni, avx512, avx512vnni),
     ES_ROW(avx512, avx512, avx512),
@@ -295,13 +301,13 @@ void es_qs8_bcsr_conv1x1_nchw(const es_bcsr_qs8* w, const es_qs8_requant* q, siz
   es_table[es_select()].qs8_conv1x1(w, q, pixels, x, y, b0, b1);
 }
 
-/* qs8-chain.inc: the int8 padded plane, its even and odd columns (stride 2), each with 16 bytes of
- * slack, and the flattened output plane; or, for small output planes, the input pixel-major with
+/* qs8-chain.inc: the int8 padded plane, its even and odd columns (stride 2), each with
+ * ES_DW_QS8_SLACK bytes of slack, and the flattened output plane; or, for small output planes, the input pixel-major with
  * 16 channels per pixel and a pad row (int32) */
 size_t es_qs8_dwconv3x3_scratch(size_t height, size_t width, size_t stride) {
   const size_t pw = width + 2, half = (pw + 1) / 2, opitch = stride == 1 ? pw : 2 * half;
   const size_t n = (es_dwconv3x3_out_size(height, stride) - 1) * opitch + es_dwconv3x3_out_size(width, stride);
-  const size_t bytes = (height + 2) * (pw + 2 * half) + 48 + (n + 15) / 16 * 16;
+  const size_t bytes = (height + 2) * (pw + 2 * half) + 3 * ES_DW_QS8_SLACK + (n + 63) / 64 * 64;
   const size_t small = (height * width + 1) * 16;
   return (bytes + 3) / 4 > small ? (bytes + 3) / 4 : small;
 }

@@ -233,6 +233,7 @@ typedef struct {
   const int8_t* weights;  /* [channels, 3, 3] */
   int32_t x_zp;
 } es_dwconv3x3_qs8;
+#define ES_DW_QS8_SLACK 64 /* bytes of room qs8-chain leaves past each plane (whole 64-byte loads) */
 size_t es_qs8_dwconv3x3_scratch(size_t height, size_t width, size_t stride);
 void es_qs8_dwconv3x3_nchw_channels(const es_dwconv3x3_qs8* w, const es_qs8_requant* q, size_t height, size_t width,
                                     const int8_t* x, int8_t* y, int32_t* scratch, size_t c0, size_t c1);
