@@ -9,7 +9,8 @@ median of its per-round p50s and its speedup the ratio of the two medians from t
 A variant or format that cannot be exported, verified or profiled becomes a row with its
 one-line reason, never a crash.
 
---quick: one-shot pruning (no fine-tuning; the digits CNN gets 100 steps), dense + one int8 + one pruned variant per model,
+--quick: one-shot pruning (no fine-tuning; the digits CNN gets 100 steps), dense + one int8 + one pruned variant per model
+(and pruned + int8 on our int8 kernels for MobileNetV2 and MiniLM, also timed against their int8 row),
 .pte and .onnx, 3 rounds of short runs. The full grid fine-tunes the CNNs (gradual pruning) and
 adds block 4x1/8x1 at 80/90%, 2:4 and .tflite.
 """
@@ -50,6 +51,9 @@ class ModelPlan:
 
 
 DENSE = Variant("dense fp32")
+# pruned layers on our int8 kernels, the rest in the runtime's int8 (timed against the int8 row too)
+CNN_SPARSE_INT8 = Variant("block:8x1 80% + int8", "block:8x1", 0.8, "int8")
+LM_SPARSE_INT8 = Variant("block:8x1 90% + int8-dynamic", "block:8x1", 0.9, "int8-dynamic")
 
 
 def _pruned(patterns: tuple[str, ...], sparsities: tuple[float, ...], nm: bool = True) -> list[Variant]:
@@ -58,16 +62,17 @@ def _pruned(patterns: tuple[str, ...], sparsities: tuple[float, ...], nm: bool =
 
 
 def grid(quick: bool) -> list[ModelPlan]:
-    """What the benchmark runs; --quick keeps one int8 and one pruned variant per model."""
+    """What the benchmark runs; --quick keeps one int8 and one pruned variant per model (and the
+    pruned + int8 variants)."""
     cnn_int8 = [Variant("int8", quant="int8")]
     lm_int8 = [Variant("int8-dynamic", quant="int8-dynamic")]
     if quick:
         return [
             ModelPlan("demo:digits-cnn", [DENSE, *cnn_int8, Variant("block:4x1 90%", "block:4x1", 0.9)], finetune_steps=100,
                       note="--quick: 100 gradual-pruning steps (seconds on this model; one-shot 90% block pruning is at chance)"),
-            ModelPlan("demo:mobilenetv2", [DENSE, *cnn_int8, Variant("block:4x1 90%", "block:4x1", 0.9)],
+            ModelPlan("demo:mobilenetv2", [DENSE, *cnn_int8, Variant("block:4x1 90%", "block:4x1", 0.9), CNN_SPARSE_INT8],
                       load_kwargs={"eval_count": 300}, note="--quick: one-shot pruning, accuracy on 300 test images"),
-            ModelPlan("demo:minilm-l6", [DENSE, *lm_int8, Variant("block:8x1 80%", "block:8x1", 0.8)],
+            ModelPlan("demo:minilm-l6", [DENSE, *lm_int8, Variant("block:8x1 80%", "block:8x1", 0.8), LM_SPARSE_INT8],
                       load_kwargs={"eval_count": 16}, note="--quick: one-shot pruning, cosine on 16 passages"),
             ModelPlan("demo:smollm2-135m", [DENSE, Variant("block:8x1 80%", "block:8x1", 0.8)], formats=("pte",),
                       note="--quick: decode step as .pte only, no int8 (its dense baseline is dequantized 4-bit)"),
@@ -76,8 +81,8 @@ def grid(quick: bool) -> list[ModelPlan]:
     both_int8 = [Variant("int8", quant="int8"), Variant("int8-dynamic", quant="int8-dynamic")]
     return [
         ModelPlan("demo:digits-cnn", [DENSE, *both_int8, *blocks], ("pte", "onnx", "tflite"), finetune_steps=300),
-        ModelPlan("demo:mobilenetv2", [DENSE, *both_int8, *blocks], ("pte", "onnx", "tflite"), finetune_steps=300),
-        ModelPlan("demo:minilm-l6", [DENSE, *both_int8, *blocks], ("pte", "onnx", "tflite")),
+        ModelPlan("demo:mobilenetv2", [DENSE, *both_int8, *blocks, CNN_SPARSE_INT8], ("pte", "onnx", "tflite"), finetune_steps=300),
+        ModelPlan("demo:minilm-l6", [DENSE, *both_int8, *blocks, LM_SPARSE_INT8], ("pte", "onnx", "tflite")),
         ModelPlan("demo:smollm2-135m", [DENSE, *lm_int8, Variant("block:8x1 80%", "block:8x1", 0.8), Variant("2:4", "nm:2:4", 0.0)],
                   ("pte", "onnx")),
     ]
@@ -182,6 +187,8 @@ def _time_format(rows: list[dict], timing: Timing, advance) -> None:
                     failed[id(r)] = _reason(exc)
                 advance(info=f"{r['model']} {r['variant']} .{r['format']} x{threads}")
         base = statistics.median(per_round[id(dense)]) if dense is not None and per_round[id(dense)] else None
+        quantized = {r["quant"]: statistics.median(per_round[id(r)]) for r in timed
+                     if r["quant"] != "none" and not r["pattern"] and per_round[id(r)]}
         for r in timed:
             samples = per_round[id(r)]
             r[f"threads_asked_{key}"] = threads
@@ -194,6 +201,8 @@ def _time_format(rows: list[dict], timing: Timing, advance) -> None:
                 if base is not None:
                     r[f"dense_p50_ms_{key}"] = base
                     r[f"speedup_{key}"] = base / r[f"p50_ms_{key}"]
+                if r["pattern"] and r["quant"] in quantized:  # pruned + quantized: vs the same quantization, dense
+                    r[f"speedup_vs_{r['quant']}_{key}"] = quantized[r["quant"]] / r[f"p50_ms_{key}"]
 
 
 def _progress_total(plans: list[ModelPlan], timing: Timing) -> int:
@@ -298,6 +307,9 @@ def misses(rows: list[dict]) -> list[str]:
                 out.append(f"{where} ({key}): runtime reported threads={reported!r}, asked {r[f'threads_asked_{key}']}")
             if r["pattern"] and r.get(f"speedup_{key}") is not None and r[f"speedup_{key}"] < 1.0:
                 out.append(f"{where} ({key}): slower than dense ({r[f'speedup_{key}']:.2f}x)")
+            vs_quant = r.get(f"speedup_vs_{r['quant']}_{key}")
+            if vs_quant is not None and vs_quant < 1.0:
+                out.append(f"{where} ({key}): slower than dense {r['quant']} ({vs_quant:.2f}x)")
         if r["pattern"] and not r.get("swapped_layers"):
             out.append(f"{where}: no layer runs on edgesparse kernels")
     return out
@@ -305,6 +317,11 @@ def misses(rows: list[dict]) -> list[str]:
 
 def _fmt(value, spec: str, default: str = "-") -> str:
     return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _vs_quant(r: dict, key: str) -> str:
+    value = r.get(f"speedup_vs_{r['quant']}_{key}")
+    return f" ({value:.2f}x vs {r['quant']})" if value is not None else ""
 
 
 def to_markdown(result: dict) -> str:
@@ -322,8 +339,8 @@ def to_markdown(result: dict) -> str:
             f"| {r['model']} | {r['variant']} | {r['format']}{'' if r['verified'] else ' (NOT verified)'} "
             f"| {r['swapped_layers']} / {r['total_layers']} | {r['bytes'] / 2**20:.2f} MiB | {_fmt(r.get('size_vs_dense'), '.2f')}x "
             f"| {_fmt(r['quality'], '.4f')} ({r['metric']}) | {_fmt(delta, '+.4f')} "
-            f"| {_fmt(r.get('p50_ms_1t'), '.3f')} | {_fmt(r.get('speedup_1t'), '.2f')}x "
-            f"| {_fmt(r.get('p50_ms_all'), '.3f')} | {_fmt(r.get('speedup_all'), '.2f')}x "
+            f"| {_fmt(r.get('p50_ms_1t'), '.3f')} | {_fmt(r.get('speedup_1t'), '.2f')}x{_vs_quant(r, '1t')} "
+            f"| {_fmt(r.get('p50_ms_all'), '.3f')} | {_fmt(r.get('speedup_all'), '.2f')}x{_vs_quant(r, 'all')} "
             f"| {r.get('threads_reported_1t', '-')} / {r.get('threads_reported_all', '-')} |")
     s = result["settings"]
     lines += ["", f"{s['rounds']} interleaved rounds, runs >= {s['runs']} and >= {s['min_seconds']} s per profile; "
