@@ -577,6 +577,25 @@ def test_static_int8_ops_are_bit_exact_in_every_runtime(tmp_path):
     assert not differ, differ
 
 
+def test_static_int8_op_fed_a_float_tensor_fails_with_one_line(tmp_path):
+    """An int8 op fed the wrong dtype (here: float, no quantize in front) stops the program with
+    one log line that names the op and what it expects (C++ runner: exit 2), not garbage output."""
+    import edgesparse.runtime_kernels.static_int8  # noqa: F401
+    from edgesparse.converters.executorch import lower
+
+    class FloatIntoInt8(_StaticInt8Chain):
+        def forward(self, x):
+            return self.conv(x, 0).float()
+
+    path = tmp_path / "bad.pte"
+    path.write_bytes(lower(FloatIntoInt8(torch.Generator().manual_seed(1)).eval(), (torch.randn(1, 24, 4, 4),)).buffer)
+    proc = subprocess.run([str(runtime_kernels.RUNNER), str(path), "--runs", "1"], capture_output=True, text=True, timeout=60)
+    said = [line for line in proc.stderr.splitlines() if "edgesparse::qs8_bcsr_conv1x1: " in line]
+    assert proc.returncode == 2 and '"error"' in proc.stdout
+    assert len(said) == 1 and said[0].endswith("input must be int8 NCHW with in_features channels "
+                                               "(a quantized tensor: the op takes no float input)"), proc.stderr[-800:]
+
+
 def test_cpp_runner_rejects_bad_files(tmp_path):
     bad = tmp_path / "bad.pte"
     bad.write_bytes(b"\x00" * 100)
