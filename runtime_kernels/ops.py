@@ -110,6 +110,11 @@ _define("qs8_bcsr_linear", "Tensor x, Tensor values, Tensor col_idx, Tensor row_
         "int block_rows, int in_features, int out_features", _qs8_linear, lambda x, *a: a[-1])
 
 
+def _dw_shape(x, stride):
+    """A depthwise 3x3 conv's output shape (padding 1): es_dwconv3x3_out_size per side."""
+    return (x.shape[0], x.shape[1], (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1)
+
+
 def _requantize(v, y_zp, y_min, y_max):
     """es_qs8_store: fp32 values -> int8 (clamp, round half to even, + zero point)."""
     return (torch.round(v.clamp(y_min - y_zp, y_max - y_zp)) + y_zp).to(torch.int8)
@@ -149,7 +154,7 @@ def _qs8_add(a, b, a_mult, b_mult, a_zp, b_zp, y_zp, y_min, y_max):
 
 _define("qs8_dwconv3x3", "Tensor x, Tensor weight, Tensor mult, Tensor? bias, int stride, int x_zp, int y_zp, int y_min, "
         "int y_max", _qs8_dwconv, None,
-        shape=lambda x, w, m, b, stride, *a: (x.shape[0], x.shape[1], (x.shape[2] - 1) // stride + 1, (x.shape[3] - 1) // stride + 1))
+        shape=lambda x, w, m, b, stride, *a: _dw_shape(x, stride))
 _define("qs8_add", "Tensor a, Tensor b, float a_mult, float b_mult, int a_zp, int b_zp, int y_zp, int y_min, int y_max",
         _qs8_add, None, shape=lambda a, *rest: a.shape)
 
@@ -221,5 +226,4 @@ def _dwconv3x3(x, weight, bias, stride, lo, hi):
 
 
 _define("dwconv3x3", "Tensor x, Tensor weight, Tensor? bias, int stride, float min, float max", _dwconv3x3, None,
-        shape=lambda x, weight, bias, stride, *a: (x.shape[0], weight.shape[0], (x.shape[2] - 1) // stride + 1,
-                                                   (x.shape[3] - 1) // stride + 1))
+        shape=lambda x, weight, bias, stride, *a: _dw_shape(x, stride))

@@ -62,15 +62,15 @@ def _is_act(node: fx.Node | None) -> bool:
 
 def _chain(conv: fx.Node):
     """(the chain's nodes from the conv to the quantize whose int8 output our op replaces, (lo,
-    hi) activation bounds) for a conv followed by [act] -> quantize [-> dequantize -> act ->
-    quantize with the same parameters], or None when the conv is not followed that way."""
+    hi) activation bounds) for a conv followed by [act] -> quantize to int8 [-> dequantize -> act
+    -> quantize with the same parameters], or None when the conv is not followed that way."""
     chain, act = [conv], None
     nxt = _only_user(conv)
     if _is_act(nxt):
         act = nxt
         chain.append(act)
         nxt = _only_user(act)
-    if nxt is None or nxt.target != Q:
+    if nxt is None or nxt.target != Q or nxt.args[5] != torch.int8:
         return None
     chain.append(nxt)
     dq = _only_user(nxt)  # the activation quantized on its own, with the conv's output parameters
@@ -147,12 +147,16 @@ class _Rewriter:
         gm.recompile()
 
 
+def _int8_dq(node) -> bool:
+    return isinstance(node, fx.Node) and node.target == DQ and node.args[5] == torch.int8
+
+
 def _quantized_conv(gm, conv: fx.Node):
     """(x dequantize, weight dequantize, bias, int8 weight, per-channel weight scales) of a conv
     whose input and weight are int8 (symmetric weights), else None."""
     x_dq, w_dq = conv.args[0], conv.args[1]
-    if not (isinstance(x_dq, fx.Node) and x_dq.target == DQ and x_dq.args[5] == torch.int8
-            and isinstance(w_dq, fx.Node) and w_dq.target == DQ_CHANNEL and bool((_attr(gm, w_dq.args[2]) == 0).all())):
+    if not (_int8_dq(x_dq) and isinstance(w_dq, fx.Node) and w_dq.target == DQ_CHANNEL
+            and bool((_attr(gm, w_dq.args[2]) == 0).all())):
         return None
     bias = conv.args[2] if len(conv.args) > 2 else None
     return x_dq, w_dq, bias, _attr(gm, w_dq.args[0]), _attr(gm, w_dq.args[1]).float()
@@ -186,7 +190,7 @@ def swap_static_int8_convs(gm: fx.GraphModule, plans: list) -> dict:
             continue
         x_dq, w_dq, bias, w_q, w_scale = quantized
         chain = _chain(conv)
-        if not _is_1x1(conv, w_q) or chain is None or chain[0][-1].args[5] != torch.int8:
+        if not _is_1x1(conv, w_q) or chain is None:
             plan.reason = "dense XNNPACK int8: our static int8 kernel runs stride-1 unpadded 1x1 convs followed by a quantize"
             continue
         shape = block_shape_for(Pattern.parse(plan.pattern))
@@ -217,6 +221,11 @@ def _ours(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and str(node.target).startswith("edgesparse.")
 
 
+def _touches_ours(dequantizes: list, q: fx.Node) -> bool:
+    """Whether one of the dequantized inputs comes from our op, or the final quantize feeds one."""
+    return any(_ours(dq.args[0]) for dq in dequantizes) or any(map(_ours, q.users))
+
+
 def _shape(dq: fx.Node) -> tuple | None:
     """The shape of a dequantized tensor, from the node that produced it (convert_pt2e's quantize
     and dequantize nodes carry none)."""
@@ -238,7 +247,7 @@ def _keep_chains(gm: fx.GraphModule, rw: _Rewriter, counts: dict) -> None:
                 continue
             x_dq, w_dq, bias, w_q, w_scale = quantized
             nodes, (lo, hi) = chain
-            if chain[0][-1].args[5] != torch.int8 or not (_ours(x_dq.args[0]) or any(map(_ours, nodes[-1].users))):
+            if not _touches_ours([x_dq], nodes[-1]):
                 continue
             step = torch.tensor(float(x_dq.args[1])) * w_scale
             bias_q = _int32_bias(gm, bias, step)
@@ -250,11 +259,10 @@ def _keep_chains(gm: fx.GraphModule, rw: _Rewriter, counts: dict) -> None:
         elif node.target in ADDS and len(node.args) == 2 and not node.kwargs:
             a, b = node.args
             chain = _chain(node)
-            if chain is None or not all(isinstance(t, fx.Node) and t.target == DQ and t.args[5] == torch.int8 for t in (a, b)):
+            if chain is None or not (_int8_dq(a) and _int8_dq(b)):
                 continue
             nodes, (lo, hi) = chain
-            if (_shape(a) is None or _shape(a) != _shape(b) or nodes[-1].args[5] != torch.int8
-                    or not (_ours(a.args[0]) or _ours(b.args[0]) or any(map(_ours, nodes[-1].users)))):
+            if _shape(a) is None or _shape(a) != _shape(b) or not _touches_ours([a, b], nodes[-1]):
                 continue
             y_scale = torch.tensor(float(nodes[-1].args[1]))
             mults = [float(torch.tensor(float(t.args[1])) / y_scale) for t in (a, b)]

@@ -221,6 +221,34 @@ Tensor& bcsr_conv1x1_fused_out(KernelRuntimeContext& ctx, const Tensor& x, const
   return out;
 }
 
+// A depthwise 3x3 conv's output (x [N, C, H, W] -> out [N, C, oh, ow] at `stride`), then
+// kernel(x image, out image, h, w, scratch, c0, c1) over each image's channels, split across the
+// pool; each pool thread keeps its own scratch of scratch_size(h, w, stride) elements (grown to the
+// largest plane seen).
+template <typename T, typename S, typename Kernel>
+void for_dw3x3_images(KernelRuntimeContext& ctx, const Tensor& x, size_t stride, size_t (*scratch_size)(size_t, size_t, size_t),
+                      Tensor& out, Kernel kernel) {
+  const size_t h = static_cast<size_t>(x.size(2)), wd = static_cast<size_t>(x.size(3));
+  const size_t scratch_count = scratch_size(h, wd, stride);
+  const size_t oh = es_dwconv3x3_out_size(h, stride), ow = es_dwconv3x3_out_size(wd, stride);
+  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(x.size(1)),
+                        static_cast<SizesType>(oh), static_cast<SizesType>(ow)};
+  if (executorch::runtime::resize_tensor(out, {sizes, 4}) != Error::Ok) {
+    ctx.fail(Error::InvalidArgument);
+    return;
+  }
+  const size_t channels = static_cast<size_t>(x.size(1));
+  for (ssize_t n = 0; n < x.size(0); n++) {
+    const T* xp = x.const_data_ptr<T>() + n * channels * h * wd;
+    T* yp = out.mutable_data_ptr<T>() + n * channels * oh * ow;
+    for_uniform(static_cast<int64_t>(channels), static_cast<int64_t>(9 * oh * ow * channels), [&](size_t c0, size_t c1) {
+      thread_local std::vector<S> scratch;
+      if (scratch.size() < scratch_count) scratch.resize(scratch_count);
+      kernel(xp, yp, h, wd, scratch.data(), c0, c1);
+    });
+  }
+}
+
 // Depthwise 3x3 convolution, NCHW, padding 1, stride 1 or 2, bias and clamp fused; weight
 // [C, 1, 3, 3]. Threads split the channels; each uses its own scratch plane.
 Tensor& dwconv3x3_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -233,27 +261,13 @@ Tensor& dwconv3x3_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& 
     fail(ctx, "dwconv3x3", "float x [N, C, H, W], weight [C, 1, 3, 3], bias [C], stride 1 or 2 expected");
     return out;
   }
-  const size_t h = static_cast<size_t>(x.size(2)), wd = static_cast<size_t>(x.size(3)), s = static_cast<size_t>(stride);
-  const size_t oh = es_dwconv3x3_out_size(h, s), ow = es_dwconv3x3_out_size(wd, s);
-  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(x.size(1)),
-                        static_cast<SizesType>(oh), static_cast<SizesType>(ow)};
-  if (executorch::runtime::resize_tensor(out, {sizes, 4}) != Error::Ok) {
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
-  const size_t channels = static_cast<size_t>(x.size(1));
-  const es_dwconv3x3_f32 w{channels, s, weight.const_data_ptr<float>(), data_or_null(bias), static_cast<float>(min),
-                           static_cast<float>(max)};
-  const size_t scratch_floats = es_f32_dwconv3x3_scratch(h, wd, s);
-  for (ssize_t n = 0; n < x.size(0); n++) {
-    const float* xp = x.const_data_ptr<float>() + n * channels * h * wd;
-    float* yp = out.mutable_data_ptr<float>() + n * channels * oh * ow;
-    for_uniform(static_cast<int64_t>(channels), static_cast<int64_t>(9 * oh * ow * channels), [&](size_t c0, size_t c1) {
-      thread_local std::vector<float> scratch;  // this pool thread's own; grows to the largest plane seen
-      if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);
-      es_f32_dwconv3x3_nchw_channels(&w, h, wd, xp, yp, scratch.data(), c0, c1);
-    });
-  }
+  const size_t s = static_cast<size_t>(stride);
+  const es_dwconv3x3_f32 w{static_cast<size_t>(x.size(1)), s, weight.const_data_ptr<float>(), data_or_null(bias),
+                           static_cast<float>(min), static_cast<float>(max)};
+  for_dw3x3_images<float, float>(ctx, x, s, es_f32_dwconv3x3_scratch, out,
+                                 [&](const float* xp, float* yp, size_t h, size_t wd, float* scratch, size_t c0, size_t c1) {
+                                   es_f32_dwconv3x3_nchw_channels(&w, h, wd, xp, yp, scratch, c0, c1);
+                                 });
   return out;
 }
 
@@ -411,6 +425,16 @@ Tensor& qs8_bcsr_linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Te
   return out;
 }
 
+bool optional_int32(const std::optional<Tensor>& t, int64_t numel) {
+  return !t.has_value() || (t->scalar_type() == ScalarType::Int && t->numel() == numel);
+}
+
+// a static int8 op's requantization (checked: check_out_range; mult float, bias int32 or none)
+es_qs8_requant requant(int64_t y_zp, int64_t y_min, int64_t y_max, const Tensor& mult, const std::optional<Tensor>& bias) {
+  return es_qs8_requant{static_cast<int32_t>(y_zp), static_cast<int32_t>(y_min), static_cast<int32_t>(y_max),
+                        mult.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<int32_t>() : nullptr};
+}
+
 // the output range of a static int8 op: int8 values with y_min <= y_zp <= y_max
 bool check_out_range(KernelRuntimeContext& ctx, const char* op, int64_t y_zp, int64_t y_min, int64_t y_max) {
   return (y_min >= -128 && y_max <= 127 && y_zp >= y_min && y_zp <= y_max) ||
@@ -432,8 +456,7 @@ Tensor& qs8_bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const T
     fail(ctx, op, "input must be int8 NCHW with in_features channels (a quantized tensor: the op takes no float input)");
     return out;
   }
-  if (mult.scalar_type() != ScalarType::Float || mult.numel() != out_features ||
-      (bias.has_value() && (bias->scalar_type() != ScalarType::Int || bias->numel() != out_features))) {
+  if (mult.scalar_type() != ScalarType::Float || mult.numel() != out_features || !optional_int32(bias, out_features)) {
     fail(ctx, op, "mult must be float [out_features] and bias int32 [out_features]");
     return out;
   }
@@ -447,9 +470,7 @@ Tensor& qs8_bcsr_conv1x1_out(KernelRuntimeContext& ctx, const Tensor& x, const T
   const es_bcsr_qs8 w{static_cast<size_t>(out_features), static_cast<size_t>(in_features),
                       static_cast<size_t>(block_rows), values.const_data_ptr<int8_t>(),
                       col_idx.const_data_ptr<int32_t>(), row_ptr.const_data_ptr<int32_t>(), nullptr, nullptr};
-  const es_qs8_requant q{static_cast<int32_t>(y_zp), static_cast<int32_t>(y_min), static_cast<int32_t>(y_max),
-                         mult.const_data_ptr<float>(),
-                         bias.has_value() ? bias->const_data_ptr<int32_t>() : nullptr};
+  const es_qs8_requant q = requant(y_zp, y_min, y_max, mult, bias);
   const size_t pixels = static_cast<size_t>(x.size(2) * x.size(3));
   const int64_t blocks = static_cast<int64_t>((w.out + w.block_rows - 1) / w.block_rows);
   for (ssize_t n = 0; n < x.size(0); n++) {
@@ -469,36 +490,19 @@ Tensor& qs8_dwconv3x3_out(KernelRuntimeContext& ctx, const Tensor& x, const Tens
   const char* op = "qs8_dwconv3x3";
   const bool ok = x.scalar_type() == ScalarType::Char && weight.scalar_type() == ScalarType::Char && x.dim() == 4 &&
                   weight.numel() == 9 * x.size(1) && mult.scalar_type() == ScalarType::Float &&
-                  mult.numel() == x.size(1) &&
-                  (!bias.has_value() || (bias->scalar_type() == ScalarType::Int && bias->numel() == x.size(1))) &&
+                  mult.numel() == x.size(1) && optional_int32(bias, x.size(1)) &&
                   (stride == 1 || stride == 2) && x.size(2) > 0 && x.size(3) > 0 && x_zp >= -128 && x_zp <= 127;
   if (!ok) {
     fail(ctx, op, "int8 x [N, C, H, W], int8 weight [C, 1, 3, 3], float mult [C], int32 bias [C], stride 1 or 2 expected");
     return out;
   }
   if (!check_out_range(ctx, op, y_zp, y_min, y_max)) return out;
-  const size_t h = static_cast<size_t>(x.size(2)), wd = static_cast<size_t>(x.size(3)), s = static_cast<size_t>(stride);
-  const size_t oh = es_dwconv3x3_out_size(h, s), ow = es_dwconv3x3_out_size(wd, s);
-  SizesType sizes[4] = {static_cast<SizesType>(x.size(0)), static_cast<SizesType>(x.size(1)),
-                        static_cast<SizesType>(oh), static_cast<SizesType>(ow)};
-  if (executorch::runtime::resize_tensor(out, {sizes, 4}) != Error::Ok) {
-    ctx.fail(Error::InvalidArgument);
-    return out;
-  }
-  const size_t channels = static_cast<size_t>(x.size(1));
-  const es_dwconv3x3_qs8 w{channels, s, weight.const_data_ptr<int8_t>(), static_cast<int32_t>(x_zp)};
-  const es_qs8_requant q{static_cast<int32_t>(y_zp), static_cast<int32_t>(y_min), static_cast<int32_t>(y_max),
-                         mult.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<int32_t>() : nullptr};
-  const size_t scratch_ints = es_qs8_dwconv3x3_scratch(h, wd, s);
-  for (ssize_t n = 0; n < x.size(0); n++) {
-    const int8_t* xp = x.const_data_ptr<int8_t>() + n * channels * h * wd;
-    int8_t* yp = out.mutable_data_ptr<int8_t>() + n * channels * oh * ow;
-    for_uniform(static_cast<int64_t>(channels), static_cast<int64_t>(9 * oh * ow * channels), [&](size_t c0, size_t c1) {
-      thread_local std::vector<int32_t> scratch;  // this pool thread's own; grows to the largest plane seen
-      if (scratch.size() < scratch_ints) scratch.resize(scratch_ints);
-      es_qs8_dwconv3x3_nchw_channels(&w, &q, h, wd, xp, yp, scratch.data(), c0, c1);
-    });
-  }
+  const size_t s = static_cast<size_t>(stride);
+  const es_dwconv3x3_qs8 w{static_cast<size_t>(x.size(1)), s, weight.const_data_ptr<int8_t>(), static_cast<int32_t>(x_zp)};
+  const es_qs8_requant q = requant(y_zp, y_min, y_max, mult, bias);
+  for_dw3x3_images<int8_t, int32_t>(ctx, x, s, es_qs8_dwconv3x3_scratch, out,
+                                    [&](const int8_t* xp, int8_t* yp, size_t h, size_t wd, int32_t* scratch, size_t c0,
+                                        size_t c1) { es_qs8_dwconv3x3_nchw_channels(&w, &q, h, wd, xp, yp, scratch, c0, c1); });
   return out;
 }
 

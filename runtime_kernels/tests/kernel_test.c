@@ -114,6 +114,25 @@ static void actsparse_tests(int* passed, int* failed) {
 
 /* int8 BCSR: int32 accumulators bit-exact against an integer reference (extreme values -128/127
  * included), and the dequantized output against the same sums in double. */
+/* got[0, n) == want[0, n) exactly; else prints the first difference after `what` and returns 0 */
+static int exact_i32(const int32_t* got, const int64_t* want, size_t n, const char* what) {
+  for (size_t i = 0; i < n; i++)
+    if (got[i] != want[i]) {
+      printf("FAIL %s: element %zu got %d want %lld\n", what, i, got[i], (long long)want[i]);
+      return 0;
+    }
+  return 1;
+}
+
+static int exact_i8(const int8_t* got, const int8_t* want, size_t n, const char* what) {
+  for (size_t i = 0; i < n; i++)
+    if (got[i] != want[i]) {
+      printf("FAIL %s: element %zu got %d want %d\n", what, i, got[i], want[i]);
+      return 0;
+    }
+  return 1;
+}
+
 /* random int8 BCSR Rx1 weights (extremes first) in the kernels' layout: each row block's blocks
  * padded to a multiple of 4 (zero weights, the row block's last column), row r's four weights of a
  * group together; p and values keep the unpadded blocks for the references */
@@ -183,13 +202,8 @@ static void qs8_tests(int* passed, int* failed) {
           memset(acc, 0x5a, n * out * sizeof(int32_t));
           es_qs8_bcsr_linear_blocks(&w, n, xq, NULL, xs, NULL, acc, blocks / 2, blocks);
           es_qs8_bcsr_linear_blocks(&w, n, xq, NULL, xs, NULL, acc, 0, blocks / 2);
-          int exact = 1;
-          for (size_t i = 0; i < n * out && exact; i++)
-            if (acc[i] != want[i]) {
-              printf("FAIL %s qs8 int32 out=%zu in=%zu n=%zu R=%zu: element %zu got %d want %lld\n", ISAS[isa], out, in, n, R, i, acc[i], (long long)want[i]);
-              exact = 0;
-            }
-          exact ? (*passed)++ : (*failed)++;
+          snprintf(what, sizeof what, "%s qs8 int32 out=%zu in=%zu n=%zu R=%zu", ISAS[isa], out, in, n, R);
+          exact_i32(acc, want, n * out, what) ? (*passed)++ : (*failed)++;
           es_qs8_bcsr_linear_blocks(&w, n, xq, NULL, xs, y, NULL, 0, blocks);
           snprintf(what, sizeof what, "%s qs8 f32 out=%zu in=%zu n=%zu R=%zu", ISAS[isa], out, in, n, R);
           close_enough(y, want_y, n * out, what) ? (*passed)++ : (*failed)++;
@@ -200,13 +214,8 @@ static void qs8_tests(int* passed, int* failed) {
             memset(acc, 0x5a, n * out * sizeof(int32_t));
             es_qs8_bcsr_linear_blocks(&w, n, xq, tiles, xs, NULL, acc, blocks / 3, blocks);
             es_qs8_bcsr_linear_blocks(&w, n, xq, tiles, xs, NULL, acc, 0, blocks / 3);
-            int same = 1;
-            for (size_t i = 0; i < n * out && same; i++)
-              if (acc[i] != want[i]) {
-                printf("FAIL %s qs8 tiles int32 out=%zu in=%zu n=%zu R=%zu: element %zu got %d want %lld\n", ISAS[isa], out, in, n, R, i, acc[i], (long long)want[i]);
-                same = 0;
-              }
-            same ? (*passed)++ : (*failed)++;
+            snprintf(what, sizeof what, "%s qs8 tiles int32 out=%zu in=%zu n=%zu R=%zu", ISAS[isa], out, in, n, R);
+            exact_i32(acc, want, n * out, what) ? (*passed)++ : (*failed)++;
             es_qs8_bcsr_linear_blocks(&w, n, xq, tiles, xs, y, NULL, 0, blocks);
             snprintf(what, sizeof what, "%s qs8 tiles f32 out=%zu in=%zu n=%zu R=%zu", ISAS[isa], out, in, n, R);
             close_enough(y, want_y, n * out, what) ? (*passed)++ : (*failed)++;
@@ -260,15 +269,9 @@ static void qs8_conv_tests(int* passed, int* failed) {
           memset(y, 0x5a, out * P);
           es_qs8_bcsr_conv1x1_nchw(&w, &q, P, x, y, blocks / 3, blocks);
           es_qs8_bcsr_conv1x1_nchw(&w, &q, P, x, y, 0, blocks / 3);
-          size_t bad = 0;
-          while (bad < out * P && y[bad] == want[bad]) bad++;
-          if (bad < out * P) {
-            printf("FAIL %s qs8 conv1x1 out=%zu in=%zu pixels=%zu R=%zu: element %zu got %d want %d\n", ISAS[isa], out, in,
-                   P, R, bad, y[bad], want[bad]);
-            (*failed)++;
-          } else {
-            (*passed)++;
-          }
+          char what[120];
+          snprintf(what, sizeof what, "%s qs8 conv1x1 out=%zu in=%zu pixels=%zu R=%zu", ISAS[isa], out, in, P, R);
+          exact_i8(y, want, out * P, what) ? (*passed)++ : (*failed)++;
         }
         es_force_isa(NULL);
         free_qs8(qw);
@@ -313,15 +316,9 @@ static void qs8_chain_tests(int* passed, int* failed) {
           memset(y, 0x5a, C * oh * ow);
           es_qs8_dwconv3x3_nchw_channels(&w, &q, H, W, x, y, scratch, C / 3, C);
           es_qs8_dwconv3x3_nchw_channels(&w, &q, H, W, x, y, scratch, 0, C / 3);
-          size_t bad = 0;
-          while (bad < C * oh * ow && y[bad] == want[bad]) bad++;
-          if (bad < C * oh * ow) {
-            printf("FAIL %s qs8 dwconv3x3 %zux%zu stride %zu C=%zu: element %zu got %d want %d\n", ISAS[isa], H, W, s, C, bad,
-                   y[bad], want[bad]);
-            (*failed)++;
-          } else {
-            (*passed)++;
-          }
+          char what[120];
+          snprintf(what, sizeof what, "%s qs8 dwconv3x3 %zux%zu stride %zu C=%zu", ISAS[isa], H, W, s, C);
+          exact_i8(y, want, C * oh * ow, what) ? (*passed)++ : (*failed)++;
           /* the add, on the input and its first channels' reversal */
           const size_t n = C * H * W;
           es_qs8_add_params ap = {variant ? 5 : -7, variant ? -2 : 11, 0.7f + 0.1f * (float)variant, 1.3f, q};
@@ -333,14 +330,8 @@ static void qs8_chain_tests(int* passed, int* failed) {
             sum_want[i] = (int8_t)(r < q.y_min ? q.y_min : r > q.y_max ? q.y_max : r);
           }
           es_qs8_add(&ap, n, x, b, sum);
-          bad = 0;
-          while (bad < n && sum[bad] == sum_want[bad]) bad++;
-          if (bad < n) {
-            printf("FAIL %s qs8 add n=%zu: element %zu got %d want %d\n", ISAS[isa], n, bad, sum[bad], sum_want[bad]);
-            (*failed)++;
-          } else {
-            (*passed)++;
-          }
+          snprintf(what, sizeof what, "%s qs8 add n=%zu", ISAS[isa], n);
+          exact_i8(sum, sum_want, n, what) ? (*passed)++ : (*failed)++;
           free(b); free(sum); free(sum_want);
         }
         es_force_isa(NULL);
